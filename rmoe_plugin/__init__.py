@@ -1,0 +1,14 @@
+"""Residual Mixture of Experts for OpenMMLab.
+
+Importing this package (``custom_imports=dict(imports=['rmoe_plugin'])`` in a config)
+registers its modules where configs built in the mmseg and mmdet scopes find them, and lets
+mmengine's own checkpoints load under torch's ``weights_only`` default.
+"""
+from .engine import allow_mmengine_checkpoints
+from .models import RMoEFFN
+from .moe import MoEFeedForward, collect_moe_losses
+
+__version__ = '0.1.0'
+__all__ = ['MoEFeedForward', 'RMoEFFN', 'collect_moe_losses']
+
+allow_mmengine_checkpoints()

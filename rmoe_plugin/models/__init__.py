@@ -1,0 +1,3 @@
+from .ffn import RMoEFFN
+
+__all__ = ['RMoEFFN']

@@ -1,0 +1,111 @@
+"""Index-based dispatch: order (token, choice) pairs by expert, enforce capacity, combine back.
+
+No dense S x E x C one-hot is built. One stable sort puts every kept assignment next to the
+others of its expert, so the experts run as a grouped matmul over contiguous slices.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class DispatchPlan(NamedTuple):
+    """Where each kept (token, choice) assignment goes.
+
+    Attributes:
+        token_index (Tensor): token of each kept assignment, grouped by expert, shape (N,).
+        choice_index (Tensor): flat index ``token * k + choice`` of each kept assignment into
+            the router's (S, k) outputs, shape (N,).
+        tokens_per_expert (Tensor): kept assignments per expert, shape (E,), sums to N.
+        expert_load (Tensor): assignments per expert before the capacity cut, shape (E,).
+        position (Tensor): each assignment's slot in its expert's buffer, shape (S, k);
+            a slot >= capacity means the assignment was dropped.
+    """
+    token_index: torch.Tensor
+    choice_index: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    expert_load: torch.Tensor
+    position: torch.Tensor
+
+    @property
+    def num_dropped(self) -> torch.Tensor:
+        return self.expert_load.sum() - self.tokens_per_expert.sum()
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
+                    capacity_factor: Optional[float]) -> Optional[int]:
+    """Slots per expert, ``k * ceil(f * S / E)``; ``None`` (dropless) when ``f`` is None."""
+    if capacity_factor is None:
+        return None
+    return top_k * math.ceil(capacity_factor * num_tokens / num_experts)
+
+
+def priority_rank(priority: torch.Tensor) -> torch.Tensor:
+    """Rank of each token when sorted by descending ``priority`` (0 = served first)."""
+    order = torch.argsort(priority, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank
+
+
+def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
+                  capacity: Optional[int] = None,
+                  priority: Optional[torch.Tensor] = None) -> DispatchPlan:
+    """Give each (token, choice) a slot in its expert's buffer and keep those within capacity.
+
+    Slots are filled choice by choice (all first choices before any second choice, as GShard
+    and Tutel do); within a choice, tokens are served in order of ``priority`` (batch-prioritised
+    routing) or, without it, in token order.
+
+    Args:
+        expert_index (Tensor): experts chosen per token, shape (S, k).
+        num_experts (int): E.
+        capacity (int, optional): slots per expert; None keeps every assignment (dropless).
+        priority (Tensor, optional): per-token priority, shape (S,); higher is served first.
+
+    Returns:
+        DispatchPlan
+    """
+    num_tokens, top_k = expert_index.shape
+    device = expert_index.device
+    rank = (priority_rank(priority) if priority is not None
+            else torch.arange(num_tokens, device=device))
+    choice_offset = torch.arange(top_k, device=device) * num_tokens
+    # Unique key per assignment: expert first, then choice, then service order.
+    key = expert_index * (top_k * num_tokens) + choice_offset + rank[:, None]
+    order = torch.argsort(key.flatten())
+    sorted_expert = expert_index.flatten()[order]
+
+    expert_load = torch.bincount(expert_index.flatten(), minlength=num_experts)
+    group_start = torch.cumsum(expert_load, 0) - expert_load
+    sorted_position = torch.arange(order.numel(), device=device) - group_start[sorted_expert]
+    position = torch.empty_like(sorted_position)
+    position[order] = sorted_position
+    position = position.view(num_tokens, top_k)
+
+    if capacity is None:
+        kept_order, tokens_per_expert = order, expert_load
+    else:
+        kept_order = order[sorted_position < capacity]
+        tokens_per_expert = expert_load.clamp(max=capacity)
+    return DispatchPlan(
+        token_index=torch.div(kept_order, top_k, rounding_mode='floor'),
+        choice_index=kept_order,
+        tokens_per_expert=tokens_per_expert,
+        expert_load=expert_load,
+        position=position)
+
+
+def combine(expert_output: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor,
+            num_tokens: int) -> torch.Tensor:
+    """Sum ``weight * expert_output`` back into each token; dropped tokens get zeros.
+
+    Args:
+        expert_output (Tensor): outputs of the kept assignments, shape (N, D).
+        weight (Tensor): combine weight of each kept assignment, shape (N,).
+        token_index (Tensor): token of each kept assignment, shape (N,).
+        num_tokens (int): S.
+    """
+    weighted = expert_output * weight.to(expert_output.dtype)[:, None]
+    out = expert_output.new_zeros(num_tokens, expert_output.shape[-1])
+    return out.index_add_(0, token_index, weighted)

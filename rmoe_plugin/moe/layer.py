@@ -1,0 +1,142 @@
+"""The residual-MoE feed-forward layer, in plain PyTorch."""
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+from .dispatch import combine, expert_capacity, plan_dispatch
+from .experts import ResidualExperts
+from .losses import importance_loss, router_z_loss, switch_balance_loss
+from .router import Routing, TopKRouter
+
+
+def check_moe_args(num_experts: int, top_k: int, capacity_factor: Optional[float],
+                   eval_capacity_factor: Optional[float], **loss_weights: float) -> None:
+    """Raise ``ValueError`` naming the first argument that cannot make a working layer."""
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f'num_experts must be an int >= 1, got {num_experts!r}')
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f'top_k must be an int in 1..num_experts ({num_experts}), got {top_k!r}')
+    for name, value in (('capacity_factor', capacity_factor),
+                        ('eval_capacity_factor', eval_capacity_factor)):
+        if value is not None and not value > 0:
+            raise ValueError(f'{name} must be > 0, or None for dropless routing, got {value!r}')
+    for name, value in loss_weights.items():
+        if value < 0:
+            raise ValueError(f'{name} must be >= 0, got {value!r}')
+
+
+def combine_weight(gates: torch.Tensor, straight_through: bool,
+                   normalize: bool) -> torch.Tensor:
+    """Per-(token, choice) output weight from the top-k gates, shape (S, k).
+
+    Straight-through: the forward value is ``1/k`` (so top-1 passes the expert output at full
+    scale, as the dense FFN did), the gradient is the gate's: ``g + sg(1/k - g)``. Otherwise the
+    gates themselves, renormalised over the k choices when ``normalize``.
+    """
+    top_k = gates.shape[-1]
+    if straight_through:
+        return gates + (1.0 / top_k - gates).detach()
+    if normalize and top_k > 1:
+        return gates / gates.sum(dim=-1, keepdim=True)
+    return gates
+
+
+class MoEFeedForward(nn.Module):
+    """Router + index dispatch + residual experts + combine, for tokens of shape (..., D).
+
+    The output has the input's shape and dtype. Balance losses (training forwards only) and
+    routing statistics of the last forward are kept on the side in ``last_losses`` and
+    ``last_stats``; the return value never changes type.
+
+    Args:
+        embed_dims (int): token width D.
+        feedforward_channels (int): hidden width H of each expert.
+        num_experts (int): E. Default: 8.
+        top_k (int): experts per token. Default: 1.
+        num_fcs (int): projections per expert. Default: 2.
+        activation (Callable[[], nn.Module]): builds the hidden activation. Default: nn.GELU.
+        dropout (float): dropout inside the experts. Default: 0.
+        capacity_factor (float | None): training capacity factor f, slots per expert
+            ``k * ceil(f * S / E)``; None is dropless. Default: 1.25.
+        eval_capacity_factor (float | None): the same in evaluation. Default: None (dropless).
+        batch_prioritized (bool): fill slots in order of each token's top gate over the
+            whole group, so the least confident tokens are dropped first. Default: True.
+        router_noise_std (float): std of training noise on the router logits. Default: 0.
+        straight_through (bool): forward value of the selected expert output unscaled by the gate
+            (see :func:`combine_weight`). Default: True.
+        normalize_gates (bool): renormalise top-k gates (k > 1, not straight-through).
+            Default: True.
+        residual_init_std (float): std of the residuals' initial noise. Default: 0.
+        freeze_core (bool): train only the residuals. Default: False.
+        importance_loss_weight (float): weight of importance CV^2. Default: 0.01.
+        balance_loss_weight (float): weight of the Switch load-balancing loss. Default: 0.
+        z_loss_weight (float): weight of the router z-loss. Default: 0.
+    """
+
+    def __init__(self, embed_dims: int, feedforward_channels: int, num_experts: int = 8,
+                 top_k: int = 1, num_fcs: int = 2,
+                 activation: Callable[[], nn.Module] = nn.GELU, dropout: float = 0.0,
+                 capacity_factor: Optional[float] = 1.25,
+                 eval_capacity_factor: Optional[float] = None,
+                 batch_prioritized: bool = True, router_noise_std: float = 0.0,
+                 straight_through: bool = True, normalize_gates: bool = True,
+                 residual_init_std: float = 0.0, freeze_core: bool = False,
+                 importance_loss_weight: float = 0.01, balance_loss_weight: float = 0.0,
+                 z_loss_weight: float = 0.0):
+        super().__init__()
+        self.loss_weights = dict(importance=importance_loss_weight,
+                                 balance=balance_loss_weight, zloss=z_loss_weight)
+        check_moe_args(num_experts, top_k, capacity_factor, eval_capacity_factor,
+                       importance_loss_weight=importance_loss_weight,
+                       balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
+        if num_fcs < 2:
+            raise ValueError(f'num_fcs must be >= 2, got {num_fcs!r}')
+        self.embed_dims = embed_dims
+        self.feedforward_channels = feedforward_channels
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.batch_prioritized = batch_prioritized
+        self.straight_through = straight_through
+        self.normalize_gates = normalize_gates
+        widths = [embed_dims] + [feedforward_channels] * (num_fcs - 1) + [embed_dims]
+        self.router = TopKRouter(embed_dims, num_experts, top_k, noise_std=router_noise_std)
+        self.experts = ResidualExperts(widths, num_experts, activation, dropout,
+                                       residual_init_std, freeze_core)
+        self.last_losses: Dict[str, torch.Tensor] = {}
+        self.last_stats: Dict[str, torch.Tensor] = {}
+
+    def current_capacity_factor(self) -> Optional[float]:
+        return self.capacity_factor if self.training else self.eval_capacity_factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, self.embed_dims)
+        num_tokens = tokens.shape[0]
+        routing = self.router(tokens)
+        capacity = expert_capacity(num_tokens, self.num_experts, self.top_k,
+                                   self.current_capacity_factor())
+        priority = routing.gates[:, 0] if self.batch_prioritized else None
+        plan = plan_dispatch(routing.expert_index, self.num_experts, capacity, priority)
+
+        expert_out = self.experts(tokens[plan.token_index], plan.tokens_per_expert)
+        weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
+        out = combine(expert_out, weight.flatten()[plan.choice_index], plan.token_index,
+                      num_tokens)
+
+        self.last_stats = dict(
+            expert_load=plan.expert_load,
+            tokens_per_expert=plan.tokens_per_expert,
+            drop_fraction=plan.num_dropped / (num_tokens * self.top_k),
+            importance=routing.probs.detach().sum(0))
+        self.last_losses = self.balance_losses(routing) if self.training else {}
+        return out.view_as(x)
+
+    def balance_losses(self, routing: Routing) -> Dict[str, torch.Tensor]:
+        """Weighted balance losses with a non-zero weight, keyed ``loss_moe_<name>``."""
+        terms = dict(importance=lambda: importance_loss(routing.probs),
+                     balance=lambda: switch_balance_loss(routing.probs, routing.expert_index),
+                     zloss=lambda: router_z_loss(routing.logits))
+        return {f'loss_moe_{name}': weight * terms[name]()
+                for name, weight in self.loss_weights.items() if weight > 0}
