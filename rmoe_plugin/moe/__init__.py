@@ -1,6 +1,6 @@
 """Pure-PyTorch mixture-of-experts parts; nothing here imports OpenMMLab."""
 from .dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch, priority_rank
-from .experts import ResidualExperts, grouped_linear
+from .experts import ResidualExperts
 from .layer import MoEFeedForward, check_moe_args, combine_weight
 from .collect import collect_moe_losses
 from .losses import cv_squared, importance_loss, router_z_loss, switch_balance_loss
@@ -9,6 +9,6 @@ from .router import Routing, TopKRouter
 __all__ = [
     'DispatchPlan', 'MoEFeedForward', 'ResidualExperts', 'Routing', 'TopKRouter',
     'check_moe_args', 'collect_moe_losses', 'combine', 'combine_weight', 'cv_squared', 'expert_capacity',
-    'grouped_linear', 'importance_loss', 'plan_dispatch', 'priority_rank', 'router_z_loss',
+    'importance_loss', 'plan_dispatch', 'priority_rank', 'router_z_loss',
     'switch_balance_loss'
 ]

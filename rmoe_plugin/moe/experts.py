@@ -1,21 +1,9 @@
 """Experts as stacked parameters: ``W_e = W_core + R_e`` for every projection."""
-from typing import Callable, Sequence
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def grouped_linear(x: torch.Tensor, weight: Sequence[torch.Tensor],
-                   bias: Sequence[torch.Tensor],
-                   tokens_per_expert: Sequence[int]) -> torch.Tensor:
-    """``x[rows of e] @ weight[e].T + bias[e]`` for each expert e over contiguous row groups.
-
-    The loop runs over experts (a handful of matmuls), never over tokens; autograd sees
-    ``unbind``/``split`` so each gradient is written once, not E times.
-    """
-    chunks = x.split(list(tokens_per_expert))
-    return torch.cat([F.linear(c, w, b) for c, w, b in zip(chunks, weight, bias)])
 
 
 class ResidualExperts(nn.Module):
@@ -52,6 +40,7 @@ class ResidualExperts(nn.Module):
             [nn.Parameter(torch.empty(num_experts, o)) for o, _ in shapes])
         self.activations = nn.ModuleList([activation() for _ in shapes[:-1]])
         self.dropout = nn.Dropout(dropout)
+        self._inference_cache = None
         self.reset_parameters()
         self.freeze_core(freeze_core)
 
@@ -86,24 +75,55 @@ class ResidualExperts(nn.Module):
                                  f'the core of shape {tuple(dst.shape)}')
             dst.copy_(src)
 
-    def expert_weights(self, i: int):
+    def expert_weights(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Full weight (E, out, in) and bias (E, out) of projection ``i`` for every expert."""
         return (self.core_weights[i] + self.residual_weights[i],
                 self.core_biases[i] + self.residual_biases[i])
 
     @torch.no_grad()
-    def mean_expert(self):
+    def mean_expert(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Weights and biases of the average expert, ``core + mean_e R_e``, per projection."""
         pairs = [self.expert_weights(i) for i in range(self.num_projections)]
         return [w.mean(0) for w, _ in pairs], [b.mean(0) for _, b in pairs]
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Run rows of ``x`` grouped by expert (``tokens_per_expert[e]`` rows for expert e)."""
-        counts = tokens_per_expert.tolist()
-        for i in range(self.num_projections):
-            weight, bias = self.expert_weights(i)
-            x = grouped_linear(x, weight.unbind(0), bias.unbind(0), counts)
-            if i < self.num_projections - 1:
+    def _expert_parameters(self) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """For each expert in turn, its (weight, bias) per projection: core + residual.
+
+        A generator, so each expert's weights are formed right before its matmuls and are
+        still in cache when those run. ``unbind`` (not indexing) keeps the backward to one
+        write of each residual gradient.
+        """
+        residual_w = [w.unbind(0) for w in self.residual_weights]
+        residual_b = [b.unbind(0) for b in self.residual_biases]
+        for e in range(self.num_experts):
+            yield [(cw + rw[e], cb + rb[e]) for cw, cb, rw, rb in zip(
+                self.core_weights, self.core_biases, residual_w, residual_b)]
+
+    def _inference_parameters(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """The merged weights, kept between no-grad forwards until a parameter changes."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if self._inference_cache is None or self._inference_cache[0] != key:
+            self._inference_cache = (key, list(self._expert_parameters()))
+        return self._inference_cache[1]
+
+    def _run_expert(self, x: torch.Tensor,
+                    params: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        for i, (weight, bias) in enumerate(params):
+            x = F.linear(x, weight, bias)
+            if i < len(params) - 1:
                 x = self.activations[i](x)
             x = self.dropout(x)
         return x
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Run rows of ``x`` grouped by expert (``tokens_per_expert[e]`` rows for expert e).
+
+        The loop runs over experts (a few matmuls each), never over tokens.
+        """
+        if torch.is_grad_enabled():
+            self._inference_cache = None
+            params = self._expert_parameters()
+        else:
+            params = self._inference_parameters()
+        chunks = x.split(tokens_per_expert.tolist())
+        return torch.cat([self._run_expert(chunk, p) for chunk, p in zip(chunks, params)])

@@ -120,7 +120,8 @@ class MoEFeedForward(nn.Module):
         priority = routing.gates[:, 0] if self.batch_prioritized else None
         plan = plan_dispatch(routing.expert_index, self.num_experts, capacity, priority)
 
-        expert_out = self.experts(tokens[plan.token_index], plan.tokens_per_expert)
+        expert_in = tokens.index_select(0, plan.token_index)  # backward: index_add, not index_put
+        expert_out = self.experts(expert_in, plan.tokens_per_expert)
         weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
         out = combine(expert_out, weight.flatten()[plan.choice_index], plan.token_index,
                       num_tokens)
