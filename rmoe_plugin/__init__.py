@@ -4,11 +4,15 @@ Importing this package (``custom_imports=dict(imports=['rmoe_plugin'])`` in a co
 registers its modules where configs built in the mmseg and mmdet scopes find them, and lets
 mmengine's own checkpoints load under torch's ``weights_only`` default.
 """
+from .backbones import RMoESwinTransformer, RMoESwinTransformerDet
 from .engine import allow_mmengine_checkpoints
-from .models import RMoEFFN
+from .models import RMoECascadeRCNN, RMoEEncoderDecoder, RMoEFFN, RMoEMaskRCNN, rmoe_model
 from .moe import MoEFeedForward, collect_moe_losses
 
 __version__ = '0.1.0'
-__all__ = ['MoEFeedForward', 'RMoEFFN', 'collect_moe_losses']
+__all__ = [
+    'MoEFeedForward', 'RMoECascadeRCNN', 'RMoEEncoderDecoder', 'RMoEFFN', 'RMoEMaskRCNN',
+    'RMoESwinTransformer', 'RMoESwinTransformerDet', 'collect_moe_losses', 'rmoe_model'
+]
 
 allow_mmengine_checkpoints()

@@ -49,9 +49,19 @@ def test_dropless_keeps_every_assignment():
     assert torch.equal(grouped, grouped.sort().values)
 
 
+def test_rows_index_kept_assignments_in_expert_order():
+    expert_index = torch.tensor([[1, 0], [0, 1], [1, 0]])
+    plan = plan_dispatch(expert_index, num_experts=2, capacity=2)
+    # expert 0 keeps token 1 (1st choice) then token 0 (2nd); expert 1 keeps tokens 0 and 2.
+    assert plan.token_index.tolist() == [1, 0, 0, 2]
+    assert plan.row.tolist() == [[2, 1], [0, -1], [3, -1]]
+
+
 def test_combine_sums_weighted_outputs_and_leaves_dropped_tokens_zero():
     out = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
-    weight = torch.tensor([1.0, 0.5, 2.0])
-    token_index = torch.tensor([0, 2, 0])
-    result = combine(out, weight, token_index, num_tokens=3)
-    assert result.tolist() == [[7.0, 7.0], [0.0, 0.0], [1.0, 1.0]]
+    weight = torch.tensor([[1.0, 2.0], [0.5, 0.5], [4.0, 4.0]])
+    row = torch.tensor([[0, 2], [-1, -1], [1, -1]])
+    result = combine(out, weight, row)
+    assert result.tolist() == [[7.0, 7.0], [0.0, 0.0], [8.0, 8.0]]
+    top1 = combine(out, weight[:, :1], row[:, :1])
+    assert top1.tolist() == [[1.0, 1.0], [0.0, 0.0], [8.0, 8.0]]

@@ -1,3 +1,4 @@
 from .ffn import RMoEFFN
+from .segmentors import RMoECascadeRCNN, RMoEEncoderDecoder, RMoEMaskRCNN, rmoe_model
 
-__all__ = ['RMoEFFN']
+__all__ = ['RMoECascadeRCNN', 'RMoEEncoderDecoder', 'RMoEFFN', 'RMoEMaskRCNN', 'rmoe_model']

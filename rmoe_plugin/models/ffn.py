@@ -11,6 +11,7 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
+from ..engine.convert import dense_ffn_to_core
 from ..moe import MoEFeedForward
 
 
@@ -80,6 +81,12 @@ class RMoEFFN(BaseModule):
         if identity is None:
             identity = x
         return identity + self.dropout_layer(out)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A dense FFN's weights, wherever they come from (a dense checkpoint through
+        # ``init_cfg``, ``load_from``, ``load_state_dict``), become the experts' core.
+        dense_ffn_to_core(state_dict, prefix, self.num_fcs)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_experts(self) -> int:

@@ -20,12 +20,15 @@ class DispatchPlan(NamedTuple):
         expert_load (Tensor): assignments per expert before the capacity cut, shape (E,).
         position (Tensor): each assignment's slot in its expert's buffer, shape (S, k);
             a slot >= capacity means the assignment was dropped.
+        row (Tensor): each assignment's row among the kept ones (the order of
+            ``token_index``), -1 if dropped, shape (S, k).
     """
     token_index: torch.Tensor
     choice_index: torch.Tensor
     tokens_per_expert: torch.Tensor
     expert_load: torch.Tensor
     position: torch.Tensor
+    row: torch.Tensor
 
     @property
     def num_dropped(self) -> torch.Tensor:
@@ -83,29 +86,42 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
     position[order] = sorted_position
     position = position.view(num_tokens, top_k)
 
+    row = torch.empty_like(sorted_position)
     if capacity is None:
         kept_order, tokens_per_expert = order, expert_load
+        row[order] = torch.arange(order.numel(), device=device)
     else:
-        kept_order = order[sorted_position < capacity]
+        kept = sorted_position < capacity
+        kept_order = order[kept]
         tokens_per_expert = expert_load.clamp(max=capacity)
+        row[order] = torch.where(kept, torch.cumsum(kept, 0) - 1, -1)
     return DispatchPlan(
         token_index=torch.div(kept_order, top_k, rounding_mode='floor'),
         choice_index=kept_order,
         tokens_per_expert=tokens_per_expert,
         expert_load=expert_load,
-        position=position)
+        position=position,
+        row=row.view(num_tokens, top_k))
 
 
-def combine(expert_output: torch.Tensor, weight: torch.Tensor, token_index: torch.Tensor,
-            num_tokens: int) -> torch.Tensor:
-    """Sum ``weight * expert_output`` back into each token; dropped tokens get zeros.
+def combine(expert_output: torch.Tensor, weight: torch.Tensor,
+            row: torch.Tensor) -> torch.Tensor:
+    """Each token's weighted sum of its kept expert outputs; dropped assignments add zero.
+
+    A gather (backward: index_add) rather than a scatter into a zero-filled output.
 
     Args:
-        expert_output (Tensor): outputs of the kept assignments, shape (N, D).
-        weight (Tensor): combine weight of each kept assignment, shape (N,).
-        token_index (Tensor): token of each kept assignment, shape (N,).
-        num_tokens (int): S.
+        expert_output (Tensor): outputs of the kept assignments in expert order, shape (N, D).
+        weight (Tensor): combine weight per (token, choice), shape (S, k).
+        row (Tensor): row of ``expert_output`` per (token, choice), -1 if dropped, shape (S, k).
+
+    Returns:
+        Tensor: shape (S, D).
     """
-    weighted = expert_output * weight.to(expert_output.dtype)[:, None]
-    out = expert_output.new_zeros(num_tokens, expert_output.shape[-1])
-    return out.index_add_(0, token_index, weighted)
+    num_tokens, top_k = row.shape
+    weight = (weight * (row >= 0)).to(expert_output.dtype)
+    gathered = expert_output.index_select(0, row.clamp(min=0).flatten())
+    if top_k == 1:
+        return gathered * weight
+    gathered = gathered.view(num_tokens, top_k, -1)
+    return torch.bmm(weight[:, None, :], gathered)[:, 0]

@@ -123,8 +123,7 @@ class MoEFeedForward(nn.Module):
         expert_in = tokens.index_select(0, plan.token_index)  # backward: index_add, not index_put
         expert_out = self.experts(expert_in, plan.tokens_per_expert)
         weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
-        out = combine(expert_out, weight.flatten()[plan.choice_index], plan.token_index,
-                      num_tokens)
+        out = combine(expert_out, weight, plan.row)
 
         self.last_stats = dict(
             expert_load=plan.expert_load,

@@ -39,8 +39,12 @@ class TopKRouter(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.noise_std = noise_std
+        self.init_std = init_std
         self.weight = nn.Parameter(torch.empty(num_experts, embed_dims))
-        nn.init.normal_(self.weight, std=init_std)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, tokens: torch.Tensor,
                 noise: Optional[torch.Tensor] = None) -> Routing:
