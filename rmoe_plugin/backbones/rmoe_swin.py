@@ -28,7 +28,7 @@ MoEBlocks = Union[None, str, Sequence[Sequence[int]]]
 _IN_MEMORY: Dict[str, dict] = {}
 
 
-@CheckpointLoader.register_scheme(prefixes='rmoe-memory://')
+@CheckpointLoader.register_scheme(prefixes='rmoe://')
 def _load_in_memory(filename, map_location=None):
     return _IN_MEMORY[filename]
 
@@ -40,7 +40,7 @@ def in_memory_checkpoint(checkpoint: dict):
     Lets the upstream ``init_weights`` (prefix stripping, position-table interpolation) run on
     a checkpoint we normalised, without writing a copy of it to disk.
     """
-    uri = f'rmoe-memory://{uuid.uuid4().hex}'
+    uri = f'rmoe://{uuid.uuid4().hex}'
     _IN_MEMORY[uri] = checkpoint
     try:
         yield uri
@@ -130,7 +130,9 @@ class RMoESwinMixin:
         state_dict, layout = to_openmmlab_swin(extract_state_dict(load_checkpoint_file(path)))
         original_cfg = self.init_cfg
         convert = getattr(self, 'convert_weights', None)
-        with in_memory_checkpoint({'state_dict': state_dict}) as uri:
+        # Both upstream loaders strip 'backbone.'; mmdet's keeps nothing else.
+        prefixed = {f'backbone.{k}': v for k, v in state_dict.items()}
+        with in_memory_checkpoint({'state_dict': prefixed}) as uri:
             self.init_cfg = ConfigDict(dict(original_cfg, checkpoint=uri))
             if convert is not None:
                 self.convert_weights = False  # already in the upstream layout
