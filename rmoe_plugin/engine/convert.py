@@ -159,3 +159,45 @@ def fold_rmoe_to_dense(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
                 residual_key = core_key.replace('.core_', '.residual_')
                 out[dense_key] = state_dict[core_key] + state_dict[residual_key].mean(0)
     return out, sorted(projections)
+
+
+def check_output_path(in_path: str, out_path: str, overwrite: bool = False) -> None:
+    """Refuse to write over the input, or over an existing file unless ``overwrite``."""
+    if os.path.exists(out_path) and os.path.samefile(in_path, out_path):
+        raise ValueError(f'output {out_path!r} is the input checkpoint; choose another path')
+    if os.path.exists(out_path) and not overwrite:
+        raise FileExistsError(f'output {out_path!r} exists; pass --overwrite to replace it')
+
+
+def dense_to_rmoe_checkpoint(in_path: str, backbone_cfg: dict, scope: str) -> Tuple[dict, str]:
+    """An RMoE checkpoint from a dense one, built as the RMoE config's backbone would load it.
+
+    The backbone named by ``backbone_cfg`` (an ``RMoESwinTransformer`` config) is built in
+    ``scope`` and initialised from ``in_path``: its cores are the dense FFNs, its routers and
+    residuals start as configured. Entries of a full segmentor/detector checkpoint outside
+    the backbone are kept as they are.
+
+    Returns:
+        (checkpoint with ``state_dict`` in the full-model layout, a summary of what changed)
+    """
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope, MODELS
+    checkpoint = load_checkpoint_file(in_path)
+    source = extract_state_dict(checkpoint)
+    cfg = ConfigDict(backbone_cfg)
+    cfg.init_cfg = ConfigDict(type='Pretrained', checkpoint=in_path)
+    with DefaultScope.overwrite_default_scope(scope):
+        backbone = MODELS.build(cfg)
+    backbone.init_weights()
+    state_dict = OrderedDict((k, v) for k, v in source.items()
+                             if not k.startswith(('backbone.', 'module.backbone.')))
+    if len(state_dict) == len(source):  # a bare backbone checkpoint
+        state_dict.clear()
+    state_dict.update((f'backbone.{k}', v) for k, v in backbone.state_dict().items())
+    from ..models import RMoEFFN
+    layers = [n for n, m in backbone.named_modules() if isinstance(m, RMoEFFN)]
+    summary = (f'{len(layers)} FFNs became RMoE layers ({backbone_cfg["moe_cfg"]}): '
+               + ', '.join(f'backbone.{n}' for n in layers))
+    meta = dict(checkpoint.get('meta', {}) if isinstance(checkpoint.get('meta'), dict) else {})
+    meta['rmoe_conversion'] = dict(source=os.path.abspath(in_path), moe_layers=layers)
+    return dict(state_dict=state_dict, meta=meta), summary
