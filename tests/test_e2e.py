@@ -90,8 +90,7 @@ def test_mim_train_mmdet_mask_rcnn_and_mmdet_tools(tiny_data, tmp_path):
                   *det_data(tiny_data['coco']), *options, cwd=tmp_path)
         flops[blocks] = parse_flops(out)
     assert flops['default'] == pytest.approx(flops['none'], rel=0.03)  # top-1: dense cost
-    out = run('run', 'mmdet', 'benchmark', DET, '--task', 'dataloader', '--dataset-type', 'train', '--num-warmup', '1',
-              '--max-iter', '6',
-              '--log-interval', '1', '--cfg-options', *det_data(tiny_data['coco']),
-              cwd=tmp_path)
+    out = run('run', 'mmdet', 'benchmark', DET, '--task', 'dataloader', '--dataset-type',
+              'train', '--num-warmup', '1', '--max-iter', '6', '--log-interval', '1',
+              '--cfg-options', *det_data(tiny_data['coco']), cwd=tmp_path)
     assert 'img / s' in out or 'fps' in out.lower()
