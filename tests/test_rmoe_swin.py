@@ -132,7 +132,7 @@ def test_missing_and_unexpected_keys_are_reported_by_name(tmp_path):
         logger.removeHandler(records)
     out = '\n'.join(records.messages)
     assert 'stages.0.blocks.0.mystery.weight' in out and 'norm3.weight' in out
-    assert '2 FFNs became RMoE cores' in out
+    assert 'into 2 RMoE layers; dense FFNs became their cores' in out
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):

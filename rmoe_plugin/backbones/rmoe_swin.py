@@ -155,9 +155,11 @@ class RMoESwinMixin:
         missing = [k for k in fresh if k not in moe_fresh]
         unexpected = sorted(k for k in set(given) - own if not k.endswith('attn_mask'))
         logger = MMLogger.get_current_instance()
-        logger.info(f'{type(self).__name__}: loaded dense Swin ({layout} layout) from {path}; '
-                    f'{len(self.moe_layers())} FFNs became RMoE cores, their routers and '
-                    f'residuals ({len(moe_fresh)} tensors) start fresh')
+        logger.info(f'{type(self).__name__}: loaded a Swin checkpoint ({layout} layout) from '
+                    f'{path} into {len(self.moe_layers())} RMoE layers; '
+                    + (f'dense FFNs became their cores, routers and residuals '
+                       f'({len(moe_fresh)} tensors) start fresh' if moe_fresh
+                       else 'their experts and routers came from the checkpoint'))
         if missing:
             logger.warning(f'missing in checkpoint (kept their initialisation): {missing}')
         if unexpected:

@@ -1,3 +1,3 @@
-from .tiny import make_ade20k, make_coco
+from .tiny import make_ade20k, make_coco, make_imagenet
 
-__all__ = ['make_ade20k', 'make_coco']
+__all__ = ['make_ade20k', 'make_coco', 'make_imagenet']

@@ -1,10 +1,11 @@
-"""Small synthetic datasets in the exact on-disk layouts of ADE20K and COCO.
+"""Small synthetic datasets in the exact on-disk layouts of ADE20K, COCO and ImageNet.
 
 Each class has its own colour and texture and objects have class-typical shapes, so a model
 can learn them in a few hundred iterations. Everything is drawn from one seed.
 
     ade/ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_*_%08d.{jpg,png}
     coco/{train2017,val2017}/%012d.jpg, coco/annotations/instances_{train,val}2017.json
+    imagenet/{train,val}/<class>/<class>_%05d.jpg
 """
 import json
 import os
@@ -198,4 +199,37 @@ def make_coco(root: str, num_train: int = 16, num_val: int = 8,
             with open(os.path.join(tmp, 'annotations', f'instances_{split}.json'), 'w') as f:
                 json.dump(dict(images=images, annotations=annotations,
                                categories=categories), f)
+    return data_root
+
+
+IMAGENET_CLASSES = ('person', 'car', 'tree', 'dog', 'sports ball')
+
+
+def imagenet_image(rng: np.random.Generator, size: Tuple[int, int], name: str) -> np.ndarray:
+    """One object of class ``name`` over a random stuff background (sky, wall or floor)."""
+    h, w = size
+    image = np.zeros((h, w, 3), np.uint8)
+    _paint(image, np.ones((h, w), bool), ADE_STUFF[int(rng.integers(len(ADE_STUFF)))], rng)
+    for _ in range(int(rng.integers(1, 3))):
+        _paint(image, _shape_mask(SHAPES[name], size, rng), name, rng)
+    return image
+
+
+def make_imagenet(root: str, num_train: int = 40, num_val: int = 10,
+                  size: Tuple[int, int] = (64, 64), seed: int = 0,
+                  overwrite: bool = False) -> str:
+    """Write a small ImageNet-layout classification set (per-class folders) under ``root``.
+
+    ``num_train`` and ``num_val`` are images per class. Returns the ``data_root``.
+    """
+    data_root = os.path.join(root, 'imagenet')
+    rng = np.random.default_rng(seed)
+    with _fresh_folder(data_root, overwrite) as tmp:
+        for split, count in (('train', num_train), ('val', num_val)):
+            for name in track_iter_progress(list(IMAGENET_CLASSES)):
+                folder = os.path.join(tmp, split, name.replace(' ', '_'))
+                os.makedirs(folder)
+                for i in range(count):
+                    cv2.imwrite(os.path.join(folder, f'{i:05d}.jpg'),
+                                imagenet_image(rng, size, name), [cv2.IMWRITE_JPEG_QUALITY, 95])
     return data_root

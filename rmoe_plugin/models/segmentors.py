@@ -32,3 +32,19 @@ def rmoe_model(base: Type) -> Type:
 RMoEEncoderDecoder = MMSEG_MODELS.register_module(module=rmoe_model(EncoderDecoder))
 RMoEMaskRCNN = MMDET_MODELS.register_module(module=rmoe_model(MaskRCNN))
 RMoECascadeRCNN = MMDET_MODELS.register_module(module=rmoe_model(CascadeRCNN))
+
+try:  # mmpretrain is optional: it runs the upstream (classification) stages
+    from mmpretrain.models import GlobalAveragePooling, ImageClassifier
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
+except ImportError:
+    RMoEImageClassifier = None
+else:
+    RMoEImageClassifier = MMPRETRAIN_MODELS.register_module(module=rmoe_model(ImageClassifier))
+
+    @MMPRETRAIN_MODELS.register_module()
+    class ListGlobalAveragePooling(GlobalAveragePooling):
+        """mmpretrain's ``GlobalAveragePooling`` for backbones that return a list of maps
+        (mmseg's and mmdet's Swin), so their checkpoints need no conversion downstream."""
+
+        def forward(self, inputs):
+            return super().forward(tuple(inputs) if isinstance(inputs, list) else inputs)

@@ -1,0 +1,89 @@
+"""Accuracy against cost for finished pipeline runs: a table and a plot."""
+import glob
+import json
+import os
+import statistics
+from collections import defaultdict
+from typing import Dict, List
+
+ORDER = ('dense', 'rmoe_d', 'rmoe_i', 'moe')
+LABELS = dict(dense='dense (lower bound)', rmoe_d='RMoE-D', rmoe_i='RMoE-I',
+              moe='MoE (upper bound)')
+COSTS = ('wall_s', 'process_s', 'train_flops')
+
+
+def load_runs(root: str) -> Dict[str, List[dict]]:
+    """Pipeline records under ``root`` (``seed*/<pipeline>.json``), grouped by pipeline."""
+    runs: Dict[str, List[dict]] = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(root, 'seed*', '*.json'))):
+        with open(path) as f:
+            record = json.load(f)
+        runs[record['pipeline']].append(record)
+    if not runs:
+        raise FileNotFoundError(f'no finished pipeline under {root!r} (seed*/<pipeline>.json)')
+    return runs
+
+
+def pipeline_cost(record: dict) -> Dict[str, float]:
+    """Total cost of a pipeline: every stage it needs, shared ones included."""
+    return {k: sum(s['cost'][k] for s in record['stages']) for k in COSTS}
+
+
+def final_metric(record: dict, metric: str) -> float:
+    return record['stages'][-1]['metrics'][metric]
+
+
+def summarise(runs: Dict[str, List[dict]], metric: str) -> List[dict]:
+    """One row per pipeline: metric mean and std over seeds, mean costs, relative costs."""
+    rows = []
+    for name in [n for n in ORDER if n in runs] + sorted(set(runs) - set(ORDER)):
+        records = runs[name]
+        values = [final_metric(r, metric) for r in records]
+        costs = [pipeline_cost(r) for r in records]
+        rows.append(dict(
+            pipeline=name, seeds=len(records), metric=statistics.mean(values),
+            metric_std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            **{k: statistics.mean(c[k] for c in costs) for k in COSTS}))
+    by_name = {r['pipeline']: r for r in rows}
+    for row in rows:
+        for ref, key in (('dense', 'vs_dense'), ('moe', 'vs_moe')):
+            if ref in by_name:
+                row[key] = row['process_s'] / by_name[ref]['process_s'] - 1
+                row[key + '_flops'] = row['train_flops'] / by_name[ref]['train_flops'] - 1
+    return rows
+
+
+def markdown_table(rows: List[dict], metric: str) -> str:
+    lines = [f'| pipeline | {metric} | seeds | wall (s) | CPU (s) | train GFLOPs | '
+             'cost vs dense (CPU / FLOPs) | cost vs MoE (CPU / FLOPs) |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        def rel(key):
+            return (f'{r[key]:+.1%} / {r[key + "_flops"]:+.1%}' if key in r else '-')
+        lines.append(
+            f'| {LABELS.get(r["pipeline"], r["pipeline"])} | {r["metric"]:.2f} '
+            f'± {r["metric_std"]:.2f} | {r["seeds"]} | {r["wall_s"]:.0f} | '
+            f'{r["process_s"]:.0f} | {r["train_flops"] / 1e9:.0f} | {rel("vs_dense")} | '
+            f'{rel("vs_moe")} |')
+    return '\n'.join(lines)
+
+
+def plot(rows: List[dict], metric: str, path: str) -> None:
+    """Accuracy against training FLOPs, one point per pipeline (error bar: std over seeds)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for r in rows:
+        ax.errorbar(r['train_flops'] / 1e9, r['metric'], yerr=r['metric_std'], fmt='o',
+                    capsize=4, label=LABELS.get(r['pipeline'], r['pipeline']))
+    ax.set_xlabel('training cost (GFLOPs, all stages)')
+    ax.set_ylabel(metric)
+    ax.set_title('RMoE pipelines: accuracy against cost')
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + '.tmp.png'
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

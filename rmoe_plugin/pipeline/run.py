@@ -1,0 +1,131 @@
+"""The four pipelines of the RMoE paper, run stage by stage through mmengine's Runner.
+
+    dense   dense upstream                       -> dense downstream
+    rmoe_i  dense upstream -> RMoE intermediate  -> RMoE downstream
+    rmoe_d  dense upstream                       -> RMoE downstream (converted at its start)
+    moe     MoE upstream (from scratch)          -> RMoE downstream
+
+Each stage's checkpoint initialises the next stage's backbone through ``init_cfg``; the dense
+upstream stage runs once and serves three pipelines (its cost counts in each).
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+
+@dataclass
+class Stage:
+    """One training stage.
+
+    Attributes:
+        name (str): 'upstream', 'intermediate' or 'downstream'.
+        config (str): its config file.
+        max_iters (int): its length in iterations.
+        init_from (str, optional): the earlier stage whose checkpoint initialises the backbone.
+        key (str, optional): stages with the same key are run once and shared.
+    """
+    name: str
+    config: str
+    max_iters: int
+    init_from: Optional[str] = None
+    key: Optional[str] = None
+
+
+@dataclass
+class StageResult:
+    name: str
+    config: str
+    work_dir: str
+    checkpoint: str
+    cost: Dict[str, float]
+    metrics: Dict[str, float] = field(default_factory=dict)
+
+
+def make_pipelines(configs: Dict[str, str], upstream_iters: int, intermediate_iters: int,
+                   downstream_iters: int) -> Dict[str, List[Stage]]:
+    """The four pipelines from four configs: ``cls_dense``, ``cls_rmoe``, ``seg_dense``,
+    ``seg_rmoe`` (the downstream configs may be detection ones)."""
+    dense_up = Stage('upstream', configs['cls_dense'], upstream_iters, key='dense-upstream')
+    return {
+        'dense': [dense_up, Stage('downstream', configs['seg_dense'], downstream_iters,
+                                  init_from='upstream')],
+        'rmoe_i': [dense_up,
+                   Stage('intermediate', configs['cls_rmoe'], intermediate_iters,
+                         init_from='upstream'),
+                   Stage('downstream', configs['seg_rmoe'], downstream_iters,
+                         init_from='intermediate')],
+        'rmoe_d': [dense_up, Stage('downstream', configs['seg_rmoe'], downstream_iters,
+                                   init_from='upstream')],
+        'moe': [Stage('upstream', configs['cls_rmoe'], upstream_iters, key='moe-upstream'),
+                Stage('downstream', configs['seg_rmoe'], downstream_iters,
+                      init_from='upstream')],
+    }
+
+
+def fit_schedule(schedulers: List[dict], max_iters: int) -> None:
+    """Warm-up (LinearLR) as configured but at most a fifth of the stage, then the decay to
+    the stage's end, so the same config serves stages of any length."""
+    warmup_end = 0
+    for scheduler in schedulers:
+        if scheduler['type'] == 'LinearLR':
+            warmup_end = scheduler['end'] = min(scheduler['end'], max(1, max_iters // 5))
+        else:
+            scheduler['begin'], scheduler['end'] = warmup_end, max_iters
+
+
+def run_stage(stage: Stage, work_dir: str, init_checkpoint: Optional[str], seed: int,
+              options: Dict) -> StageResult:
+    """Train one stage (skipped when ``work_dir`` holds a finished one), then test it."""
+    done = os.path.join(work_dir, 'result.json')
+    if os.path.exists(done):
+        with open(done) as f:
+            return StageResult(**json.load(f))
+    cfg = Config.fromfile(stage.config)
+    cfg.merge_from_dict(options)
+    cfg.work_dir = work_dir
+    cfg.randomness = dict(seed=seed)
+    cfg.train_cfg.max_iters = stage.max_iters
+    cfg.train_cfg.val_interval = stage.max_iters + 1  # evaluated once, by runner.test()
+    cfg.default_hooks.checkpoint.interval = stage.max_iters
+    fit_schedule(cfg.param_scheduler, stage.max_iters)
+    cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=init_checkpoint)
+                                   if init_checkpoint else None)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = {k: float(v) for k, v in runner.test().items()}
+    with open(os.path.join(work_dir, 'cost.json')) as f:
+        cost = json.load(f)
+    result = StageResult(stage.name, stage.config, work_dir,
+                         os.path.join(work_dir, f'iter_{stage.max_iters}.pth'), cost, metrics)
+    tmp = done + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(asdict(result), f, indent=2)
+    os.replace(tmp, done)
+    return result
+
+
+def run_pipeline(name: str, stages: List[Stage], root: str, seed: int,
+                 options: Dict[str, Dict]) -> Dict:
+    """Run (or reuse) every stage of one pipeline; write and return its record.
+
+    ``options`` maps a config path to the ``--cfg-options``-style dict for its stages (data
+    roots, say).
+    """
+    results: Dict[str, StageResult] = {}
+    for stage in stages:
+        folder = stage.key or f'{name}-{stage.name}'
+        work_dir = os.path.join(root, f'seed{seed}', 'stages', folder)
+        init = results[stage.init_from].checkpoint if stage.init_from else None
+        results[stage.name] = run_stage(stage, work_dir, init, seed,
+                                        options.get(stage.config, {}))
+    record = dict(pipeline=name, seed=seed,
+                  stages=[asdict(results[s.name]) for s in stages])
+    path = os.path.join(root, f'seed{seed}', f'{name}.json')
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + '.tmp', path)
+    return record
