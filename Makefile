@@ -18,7 +18,7 @@ $(STAMP): $(CONSTRAINTS) setup.py
 	$(PIP_INSTALL) torch torchvision setuptools wheel ninja
 	MMCV_WITH_OPS=1 MAX_JOBS=$$(nproc) $(PIP_INSTALL) --no-build-isolation mmcv
 	$(PIP_INSTALL) mmengine mmsegmentation mmdet mmpretrain timm openmim numpy opencv-python \
-		ftfy regex psutil pytest pytest-xdist
+		ftfy regex psutil matplotlib pytest pytest-xdist
 	$(PIP_INSTALL) --no-build-isolation --no-deps -e .
 	$(PY) -c "import mmcv.ops, mmseg, mmdet, rmoe_plugin"
 	touch $(STAMP)

@@ -129,7 +129,9 @@ class MoEFeedForward(nn.Module):
             expert_load=plan.expert_load,
             tokens_per_expert=plan.tokens_per_expert,
             drop_fraction=plan.num_dropped / (num_tokens * self.top_k),
-            importance=routing.probs.detach().sum(0))
+            importance=routing.probs.detach().sum(0),
+            router_entropy=torch.special.entr(routing.probs.detach()).sum(-1).mean(),
+            expert_index=routing.expert_index[:, 0].detach())
         self.last_losses = self.balance_losses(routing) if self.training else {}
         return out.view_as(x)
 

@@ -1,0 +1,32 @@
+"""Output files of the analysis tools: new files only, never an input."""
+import os
+from typing import Iterable, List
+
+
+def check_outputs(out_dir: str, names: Iterable[str], inputs: Iterable[str],
+                  overwrite: bool = False) -> List[str]:
+    """Create ``out_dir`` and return the paths of ``names`` in it, refusing to overwrite.
+
+    Args:
+        out_dir (str): output folder (created if missing).
+        names (Iterable[str]): file names the tool will write there.
+        inputs (Iterable[str]): files the tool reads; none may be an output.
+        overwrite (bool): allow replacing outputs of an earlier run. Default: False.
+
+    Raises:
+        ValueError: an output path is one of the inputs, or ``out_dir`` is a file.
+        FileExistsError: an output exists and ``overwrite`` is False.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f'--out {out_dir!r} is a file, not a folder')
+    paths = [os.path.join(out_dir, name) for name in names]
+    existing_inputs = [p for p in inputs if os.path.exists(p)]
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        if any(os.path.samefile(path, p) for p in existing_inputs):
+            raise ValueError(f'output {path!r} is one of the inputs; choose another --out')
+        if not overwrite:
+            raise FileExistsError(f'output {path!r} exists; pass --overwrite to replace it')
+    os.makedirs(out_dir, exist_ok=True)
+    return paths
