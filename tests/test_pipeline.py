@@ -71,7 +71,8 @@ def test_report_relates_every_pipeline_to_dense_and_moe(tmp_path):
     assert rows['rmoe_i']['vs_dense'] == pytest.approx(155 / 150 - 1)
     assert rows['rmoe_i']['vs_moe'] == pytest.approx(155 / 251 - 1)
     table = markdown_table(list(rows.values()), 'mIoU')
-    assert '| RMoE-I | 42.00' in table and '+3.3%' in table
+    assert rows['rmoe_i']['delta'] == pytest.approx(2.0)
+    assert '| RMoE-I | 42.00 ± 0.00 | +2.00 ± 0.00 |' in table and '+3.3%' in table
     plot(list(rows.values()), 'mIoU', str(tmp_path / 'p.png'))
     assert (tmp_path / 'p.png').stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match='no finished pipeline'):

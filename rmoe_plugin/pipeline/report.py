@@ -45,6 +45,13 @@ def summarise(runs: Dict[str, List[dict]], metric: str) -> List[dict]:
             metric_std=statistics.stdev(values) if len(values) > 1 else 0.0,
             **{k: statistics.mean(c[k] for c in costs) for k in COSTS}))
     by_name = {r['pipeline']: r for r in rows}
+    if 'dense' in runs:  # seeds share data order and init, so compare seed by seed
+        dense = {r['seed']: final_metric(r, metric) for r in runs['dense']}
+        for row in rows:
+            deltas = [final_metric(r, metric) - dense[r['seed']]
+                      for r in runs[row['pipeline']] if r['seed'] in dense]
+            row['delta'] = statistics.mean(deltas)
+            row['delta_std'] = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
     for row in rows:
         for ref, key in (('dense', 'vs_dense'), ('moe', 'vs_moe')):
             if ref in by_name:
@@ -54,15 +61,16 @@ def summarise(runs: Dict[str, List[dict]], metric: str) -> List[dict]:
 
 
 def markdown_table(rows: List[dict], metric: str) -> str:
-    lines = [f'| pipeline | {metric} | seeds | wall (s) | CPU (s) | train GFLOPs | '
-             'cost vs dense (CPU / FLOPs) | cost vs MoE (CPU / FLOPs) |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|']
+    lines = [f'| pipeline | {metric} | vs dense, same seed | seeds | wall (s) | CPU (s) | '
+             'train GFLOPs | cost vs dense (CPU / FLOPs) | cost vs MoE (CPU / FLOPs) |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
     for r in rows:
         def rel(key):
             return (f'{r[key]:+.1%} / {r[key + "_flops"]:+.1%}' if key in r else '-')
+        delta = f'{r["delta"]:+.2f} ± {r["delta_std"]:.2f}' if 'delta' in r else '-'
         lines.append(
             f'| {LABELS.get(r["pipeline"], r["pipeline"])} | {r["metric"]:.2f} '
-            f'± {r["metric_std"]:.2f} | {r["seeds"]} | {r["wall_s"]:.0f} | '
+            f'± {r["metric_std"]:.2f} | {delta} | {r["seeds"]} | {r["wall_s"]:.0f} | '
             f'{r["process_s"]:.0f} | {r["train_flops"] / 1e9:.0f} | {rel("vs_dense")} | '
             f'{rel("vs_moe")} |')
     return '\n'.join(lines)
