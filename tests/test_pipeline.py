@@ -138,3 +138,16 @@ def test_select_moe_blocks_writes_a_config_that_builds(pipeline_data, tmp_path):
         [sys.executable, os.path.join(ROOT, 'tools', 'select_moe_blocks.py'),
          CONFIGS['seg_rmoe'], '--out', str(out)], capture_output=True, text=True)
     assert again.returncode != 0 and 'exists' in again.stderr
+
+
+def test_cost_hook_records_a_stage_and_adds_up_a_resumed_one(tmp_path):
+    from test_checkpoint import make_runner  # the toy RMoE model and its Runner
+    make_runner(tmp_path, max_iters=2, custom_hooks=[dict(type='CostHook')]).train()
+    first = json.loads((tmp_path / 'cost.json').read_text())
+    assert first['iters'] == 2 and first['flops_per_iter'] > 0
+    assert first['train_flops'] == 2 * first['flops_per_iter']
+    assert first['wall_s'] > 0 and first['process_s'] > 0
+    make_runner(tmp_path, max_iters=4, resume=True, custom_hooks=[dict(type='CostHook')]).train()
+    resumed = json.loads((tmp_path / 'cost.json').read_text())
+    assert resumed['iters'] == 4 and resumed['flops_per_iter'] == first['flops_per_iter']
+    assert resumed['wall_s'] > first['wall_s']
