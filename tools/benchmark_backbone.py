@@ -29,6 +29,8 @@ def main():
     p.add_argument('--size', type=int, default=512)
     p.add_argument('--repeats', type=int, default=5)
     p.add_argument('--warmup', type=int, default=1)
+    p.add_argument('--modes', nargs='+', default=['train step', 'inference'],
+                   choices=['train step', 'inference'])
     args = p.parse_args()
     from mmengine.config import Config
     dense_cfg = args.dense_config
@@ -41,7 +43,7 @@ def main():
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads, CPU; UperNet, batch '
           f'{args.batch_size} x {args.size}x{args.size}; median of {args.repeats} interleaved')
     print('\n| mode | dense Swin-T (s) | RMoE-Swin-T (s) | ratio |\n|---|---:|---:|---:|')
-    for mode in ('train step', 'inference'):
+    for mode in args.modes:
         times = interleaved_times({n: s[mode] for n, s in steps.items()}, args.repeats,
                                   args.warmup)
         dense, rmoe = median_ms(times['dense']) / 1e3, median_ms(times['rmoe']) / 1e3
