@@ -83,8 +83,9 @@ def main():
     text = (f'# RMoE pipelines in miniature\n\nUpstream: 5-class classification, 64x64, '
             f'{up} iterations; intermediate (RMoE-I): {inter}; downstream: UperNet on a '
             f'synthetic ADE20K, {down} iterations; Swin of width 32, 4 experts in the second '
-            f'block of each of the last two stages; seeds {args.seeds}. Costs add up every stage a pipeline needs '
-            f'(the shared dense upstream counts in each).\n\n{table}\n\n'
+            f'block of each of the last two stages; seeds {args.seeds}. Costs add up every '
+            f'stage a pipeline needs (the shared dense upstream counts in each).\n\n'
+            f'{table}\n\n'
             '![accuracy against cost](pipelines.png)\n')
     with open(os.path.join(args.work_dir, 'report.md'), 'w') as f:
         f.write(text)

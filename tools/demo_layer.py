@@ -1,5 +1,5 @@
-"""The RMoE layer in one minute (`python tools/demo_layer.py`): convert a trained dense FFN, check it is unchanged, train the
-residuals, and time the layer against the dense FFN.
+"""The RMoE layer in one minute (`python tools/demo_layer.py`): convert a trained dense FFN,
+check it is unchanged, train the residuals, and time the layer against the dense FFN.
 
 The toy task has tokens drawn from a few clusters, each with its own target map, so a single
 dense FFN is a compromise and experts can specialise: the situation RMoE is built for.

@@ -1,4 +1,4 @@
-"""A training step and inference of a segmentor built from a config, for tools/benchmark_backbone.py."""
+"""A segmentor's training step and inference, from its config (tools/benchmark_backbone.py)."""
 from typing import Callable, Dict
 
 import torch

@@ -1,4 +1,4 @@
-"""Dense FFN against RMoEFFN in one interleaved run (used by tools/benchmark_moe.py and the demo)."""
+"""Dense FFN against RMoEFFN in one interleaved run (tools/benchmark_moe.py, the layer demo)."""
 from typing import Dict
 
 import torch
