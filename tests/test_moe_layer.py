@@ -206,3 +206,11 @@ def test_layer_reports_weighted_losses_with_nonzero_weight_only():
 def test_bad_configuration_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_layer(**kwargs)
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_an_empty_batch_of_tokens_passes_through(top_k):
+    layer = make_layer(top_k=top_k)
+    out = layer(torch.randn(2, 0, 8))
+    assert out.shape == (2, 0, 8)
+    assert layer.last_losses['loss_moe_importance'].item() == 0

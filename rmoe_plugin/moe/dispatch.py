@@ -123,5 +123,5 @@ def combine(expert_output: torch.Tensor, weight: torch.Tensor,
     gathered = expert_output.index_select(0, row.clamp(min=0).flatten())
     if top_k == 1:
         return gathered * weight
-    gathered = gathered.view(num_tokens, top_k, -1)
+    gathered = gathered.view(num_tokens, top_k, expert_output.shape[-1])
     return torch.bmm(weight[:, None, :], gathered)[:, 0]
