@@ -15,8 +15,8 @@ import torch
 
 import rmoe_plugin  # noqa: F401
 from rmoe_plugin.datasets import make_ade20k, make_imagenet
-from rmoe_plugin.pipeline import load_runs, make_pipelines, markdown_table, plot, run_pipeline
-from rmoe_plugin.pipeline import summarise
+from rmoe_plugin.pipeline import (load_runs, make_pipelines, markdown_table, plot, run_pipeline,
+                                  summarise)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, 'configs', 'pipeline')
