@@ -2,6 +2,8 @@
 import os
 from typing import Iterable, List
 
+from ..engine.convert import check_output_path
+
 
 def check_outputs(out_dir: str, names: Iterable[str], inputs: Iterable[str],
                   overwrite: bool = False) -> List[str]:
@@ -20,13 +22,8 @@ def check_outputs(out_dir: str, names: Iterable[str], inputs: Iterable[str],
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f'--out {out_dir!r} is a file, not a folder')
     paths = [os.path.join(out_dir, name) for name in names]
-    existing_inputs = [p for p in inputs if os.path.exists(p)]
+    inputs = list(inputs)
     for path in paths:
-        if not os.path.exists(path):
-            continue
-        if any(os.path.samefile(path, p) for p in existing_inputs):
-            raise ValueError(f'output {path!r} is one of the inputs; choose another --out')
-        if not overwrite:
-            raise FileExistsError(f'output {path!r} exists; pass --overwrite to replace it')
+        check_output_path(inputs, path, overwrite)
     os.makedirs(out_dir, exist_ok=True)
     return paths

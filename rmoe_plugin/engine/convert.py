@@ -8,7 +8,7 @@ import pickle
 import re
 import tempfile
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple, Union
 
 import torch
 
@@ -161,11 +161,16 @@ def fold_rmoe_to_dense(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
     return out, sorted(projections)
 
 
-def check_output_path(in_path: str, out_path: str, overwrite: bool = False) -> None:
-    """Refuse to write over the input, or over an existing file unless ``overwrite``."""
-    if os.path.exists(out_path) and os.path.samefile(in_path, out_path):
-        raise ValueError(f'output {out_path!r} is the input checkpoint; choose another path')
-    if os.path.exists(out_path) and not overwrite:
+def check_output_path(inputs: Union[str, Iterable[str]], out_path: str,
+                      overwrite: bool = False) -> None:
+    """Refuse to write over an input, or over an existing file unless ``overwrite``."""
+    if not os.path.exists(out_path):
+        return
+    for in_path in [inputs] if isinstance(inputs, str) else inputs:
+        if os.path.exists(in_path) and os.path.samefile(in_path, out_path):
+            raise ValueError(f'output {out_path!r} is the input {in_path!r}; '
+                             'choose another path')
+    if not overwrite:
         raise FileExistsError(f'output {out_path!r} exists; pass --overwrite to replace it')
 
 

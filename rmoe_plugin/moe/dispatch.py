@@ -18,21 +18,30 @@ class DispatchPlan(NamedTuple):
             the router's (S, k) outputs, shape (N,).
         tokens_per_expert (Tensor): kept assignments per expert, shape (E,), sums to N.
         expert_load (Tensor): assignments per expert before the capacity cut, shape (E,).
-        position (Tensor): each assignment's slot in its expert's buffer, shape (S, k);
-            a slot >= capacity means the assignment was dropped.
         row (Tensor): each assignment's row among the kept ones (the order of
             ``token_index``), -1 if dropped, shape (S, k).
+        order (Tensor): flat (token, choice) indices sorted by expert, then service order.
+        sorted_position (Tensor): the slot of each assignment in ``order``.
     """
     token_index: torch.Tensor
     choice_index: torch.Tensor
     tokens_per_expert: torch.Tensor
     expert_load: torch.Tensor
-    position: torch.Tensor
     row: torch.Tensor
+    order: torch.Tensor
+    sorted_position: torch.Tensor
 
     @property
     def num_dropped(self) -> torch.Tensor:
         return self.expert_load.sum() - self.tokens_per_expert.sum()
+
+    @property
+    def position(self) -> torch.Tensor:
+        """Each assignment's slot in its expert's buffer, shape (S, k); a slot >= capacity
+        means it was dropped. Formed on demand: the forward itself needs only ``row``."""
+        position = torch.empty_like(self.sorted_position)
+        position[self.order] = self.sorted_position
+        return position.view(self.row.shape)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -82,9 +91,6 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
     expert_load = torch.bincount(expert_index.flatten(), minlength=num_experts)
     group_start = torch.cumsum(expert_load, 0) - expert_load
     sorted_position = torch.arange(order.numel(), device=device) - group_start[sorted_expert]
-    position = torch.empty_like(sorted_position)
-    position[order] = sorted_position
-    position = position.view(num_tokens, top_k)
 
     row = torch.empty_like(sorted_position)
     if capacity is None:
@@ -100,8 +106,9 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
         choice_index=kept_order,
         tokens_per_expert=tokens_per_expert,
         expert_load=expert_load,
-        position=position,
-        row=row.view(num_tokens, top_k))
+        row=row.view(num_tokens, top_k),
+        order=order,
+        sorted_position=sorted_position)
 
 
 def combine(expert_output: torch.Tensor, weight: torch.Tensor,
