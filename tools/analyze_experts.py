@@ -13,7 +13,7 @@ import sys
 
 from rmoe_plugin.analysis.outputs import check_outputs
 from rmoe_plugin.analysis.weights import OUTPUT_FILES, analyze_state_dict, write_analysis
-from rmoe_plugin.engine.convert import extract_state_dict, load_checkpoint_file
+from rmoe_plugin.engine.checkpoint import extract_state_dict, load_checkpoint_file
 
 
 def parse_args(argv=None):

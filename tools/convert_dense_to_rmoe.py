@@ -12,8 +12,8 @@ import sys
 from mmengine.config import Config
 
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
-from rmoe_plugin.engine.convert import (check_output_path, dense_to_rmoe_checkpoint,
-                                        save_checkpoint_atomic)
+from rmoe_plugin.engine.checkpoint import check_output_path, save_checkpoint_atomic
+from rmoe_plugin.engine.convert import dense_to_rmoe_checkpoint
 
 
 def main():

@@ -7,9 +7,9 @@ its input.
 import argparse
 import sys
 
-from rmoe_plugin.engine.convert import (check_output_path, extract_state_dict,
-                                        fold_rmoe_to_dense, load_checkpoint_file,
-                                        save_checkpoint_atomic)
+from rmoe_plugin.engine.checkpoint import (check_output_path, extract_state_dict,
+                                           load_checkpoint_file, save_checkpoint_atomic)
+from rmoe_plugin.engine.convert import fold_rmoe_to_dense
 
 
 def main():

@@ -2,7 +2,7 @@
 import os
 from typing import Iterable, List
 
-from ..engine.convert import check_output_path
+from ..engine.checkpoint import check_output_path
 
 
 def check_outputs(out_dir: str, names: Iterable[str], inputs: Iterable[str],

@@ -19,8 +19,8 @@ from mmseg.models.backbones.swin import SwinBlock as MMSegSwinBlock
 from mmseg.models.backbones.swin import SwinTransformer as MMSegSwin
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from ..engine.convert import (dense_ffn_to_core, extract_state_dict, load_checkpoint_file,
-                              to_openmmlab_swin)
+from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
+from ..engine.convert import dense_ffn_to_core, to_openmmlab_swin
 from ..models.ffn import RMoEFFN
 
 MoEBlocks = Union[None, str, Sequence[Sequence[int]]]

@@ -10,11 +10,16 @@ than allowing the builtin ``getattr`` (any attribute of any allowed object), the
 ``builtins.getattr`` is bound to a stand-in that only hands out those methods.
 """
 import importlib
+import os
 import pickle
+import tempfile
+from typing import Dict, Iterable, Union
 
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer
+
+StateDict = Dict[str, torch.Tensor]
 
 
 def _numpy_multiarray():
@@ -47,3 +52,51 @@ def mmengine_checkpoint_globals() -> list:
 def allow_mmengine_checkpoints() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints."""
     torch.serialization.add_safe_globals(mmengine_checkpoint_globals())
+
+def load_checkpoint_file(path: str) -> dict:
+    """Load a checkpoint without ever running code from it (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a checkpoint torch can read as data only.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f'refusing checkpoint {path!r}: loading it would run code or build objects other '
+            f'than tensors and plain data ({str(e).splitlines()[0]})') from e
+
+def save_checkpoint_atomic(obj: dict, path: str) -> None:
+    """Write ``obj`` to ``path`` through a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pth', dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+def extract_state_dict(checkpoint: dict) -> StateDict:
+    """The tensors of a checkpoint: its ``state_dict`` or ``model`` entry, else itself."""
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+def check_output_path(inputs: Union[str, Iterable[str]], out_path: str,
+                      overwrite: bool = False) -> None:
+    """Refuse to write over an input, or over an existing file unless ``overwrite``."""
+    if not os.path.exists(out_path):
+        return
+    for in_path in [inputs] if isinstance(inputs, str) else inputs:
+        if os.path.exists(in_path) and os.path.samefile(in_path, out_path):
+            raise ValueError(f'output {out_path!r} is the input {in_path!r}; '
+                             'choose another path')
+    if not overwrite:
+        raise FileExistsError(f'output {out_path!r} exists; pass --overwrite to replace it')
