@@ -66,6 +66,7 @@ def grads(layer, x, out):
     return [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
 
 
+@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
 @pytest.mark.parametrize('top_k,capacity_factor,straight_through,batch_prioritized', [
     (1, 1.0, True, True),
     (1, 0.5, False, False),
@@ -75,10 +76,11 @@ def grads(layer, x, out):
     (3, 0.5, False, True),
 ])
 def test_output_and_gradients_match_per_token_reference(top_k, capacity_factor,
-                                                         straight_through, batch_prioritized):
+                                                         straight_through, batch_prioritized,
+                                                         backend):
     layer = make_layer(top_k=top_k, capacity_factor=capacity_factor,
                        straight_through=straight_through, batch_prioritized=batch_prioritized,
-                       num_fcs=3 if top_k == 3 else 2)
+                       num_fcs=3 if top_k == 3 else 2, expert_backend=backend)
     x = torch.randn(2, 7, 8, requires_grad=True)
     out = layer(x)
     expected = reference_forward(layer, x)
@@ -87,8 +89,9 @@ def test_output_and_gradients_match_per_token_reference(top_k, capacity_factor,
         torch.testing.assert_close(got, want)
 
 
-def test_capacity_drops_are_counted_and_dropped_tokens_output_zero():
-    layer = make_layer(num_experts=2, capacity_factor=0.5)
+@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
+def test_capacity_drops_are_counted_and_dropped_tokens_output_zero(backend):
+    layer = make_layer(num_experts=2, capacity_factor=0.5, expert_backend=backend)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0, 0] = 2.0  # every token with x[0] > 0 prefers expert 0
@@ -113,8 +116,10 @@ def test_eval_uses_eval_capacity_factor():
     assert layer.last_losses == {}
 
 
-def test_every_parameter_gets_a_gradient_when_an_expert_gets_no_token():
-    layer = make_layer(capacity_factor=None, importance_loss_weight=0.0)
+@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
+def test_every_parameter_gets_a_gradient_when_an_expert_gets_no_token(backend):
+    layer = make_layer(capacity_factor=None, importance_loss_weight=0.0,
+                       expert_backend=backend)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0].fill_(5.0)
@@ -202,15 +207,17 @@ def test_layer_reports_weighted_losses_with_nonzero_weight_only():
     (dict(eval_capacity_factor=-1.0), 'eval_capacity_factor'),
     (dict(num_fcs=1), 'num_fcs'),
     (dict(z_loss_weight=-1.0), 'z_loss_weight'),
+    (dict(expert_backend='cutlass'), 'expert_backend'),
 ])
 def test_bad_configuration_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_layer(**kwargs)
 
 
+@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
 @pytest.mark.parametrize('top_k', [1, 2])
-def test_an_empty_batch_of_tokens_passes_through(top_k):
-    layer = make_layer(top_k=top_k)
+def test_an_empty_batch_of_tokens_passes_through(top_k, backend):
+    layer = make_layer(top_k=top_k, expert_backend=backend)
     out = layer(torch.randn(2, 0, 8))
     assert out.shape == (2, 0, 8)
     assert layer.last_losses['loss_moe_importance'].item() == 0

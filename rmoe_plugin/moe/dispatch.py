@@ -1,25 +1,34 @@
 """Index-based dispatch: order (token, choice) pairs by expert, enforce capacity, combine back.
 
-No dense S x E x C one-hot is built. One stable sort puts every kept assignment next to the
-others of its expert, so the experts run as a grouped matmul over contiguous slices.
+No dense S x E x C one-hot is built. One sort puts every kept assignment next to the others
+of its expert, so the experts run as a grouped matmul over contiguous slices. Nothing here
+reads a tensor's values on the host: the plan's sizes depend on S and k only.
 """
 import math
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
 
 class DispatchPlan(NamedTuple):
-    """Where each kept (token, choice) assignment goes.
+    """Where each (token, choice) assignment goes.
+
+    Every one of the S * k assignments gets a row of the experts' input: the kept ones first,
+    grouped by expert, then the dropped ones, which no expert computes. All sizes are fixed
+    by S and k, so planning never waits for the host.
 
     Attributes:
-        token_index (Tensor): token of each kept assignment, grouped by expert, shape (N,).
-        choice_index (Tensor): flat index ``token * k + choice`` of each kept assignment into
-            the router's (S, k) outputs, shape (N,).
-        tokens_per_expert (Tensor): kept assignments per expert, shape (E,), sums to N.
+        token_index (Tensor): token of each row, shape (S * k,).
+        choice_index (Tensor): flat index ``token * k + choice`` of each row's assignment
+            into the router's (S, k) outputs, shape (S * k,).
+        tokens_per_expert (Tensor): kept assignments per expert, shape (E,).
         expert_load (Tensor): assignments per expert before the capacity cut, shape (E,).
-        row (Tensor): each assignment's row among the kept ones (the order of
-            ``token_index``), -1 if dropped, shape (S, k).
+        group_end (Tensor): int32 ``cumsum(tokens_per_expert)``: where each expert's rows
+            end, shape (E,).
+        row_expert (Tensor): expert of each row, E for a dropped one, shape (S * k,).
+        row (Tensor): each assignment's row, shape (S, k).
+        kept (Tensor): whether each assignment is within capacity, shape (S, k).
+        num_dropped (Tensor): assignments over capacity, a 0-d tensor.
         order (Tensor): flat (token, choice) indices sorted by expert, then service order.
         sorted_position (Tensor): the slot of each assignment in ``order``.
     """
@@ -27,13 +36,13 @@ class DispatchPlan(NamedTuple):
     choice_index: torch.Tensor
     tokens_per_expert: torch.Tensor
     expert_load: torch.Tensor
+    group_end: torch.Tensor
+    row_expert: torch.Tensor
     row: torch.Tensor
+    kept: torch.Tensor
+    num_dropped: torch.Tensor
     order: torch.Tensor
     sorted_position: torch.Tensor
-
-    @property
-    def num_dropped(self) -> torch.Tensor:
-        return self.expert_load.sum() - self.tokens_per_expert.sum()
 
     @property
     def position(self) -> torch.Tensor:
@@ -42,6 +51,10 @@ class DispatchPlan(NamedTuple):
         position = torch.empty_like(self.sorted_position)
         position[self.order] = self.sorted_position
         return position.view(self.row.shape)
+
+    def group_sizes(self) -> List[int]:
+        """Rows per expert, then the dropped rows, on the host (one device-to-host copy)."""
+        return torch.cat([self.tokens_per_expert, self.num_dropped[None]]).tolist()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -58,6 +71,13 @@ def priority_rank(priority: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel(), device=order.device)
     return rank
+
+
+def histogram(index: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Counts of each value in ``0..num_bins-1`` (``bincount`` would wait for the host on a
+    GPU, to size its output)."""
+    counts = torch.zeros(num_bins, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
 
 
 def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
@@ -79,55 +99,73 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int,
         DispatchPlan
     """
     num_tokens, top_k = expert_index.shape
+    num_rows = num_tokens * top_k
     device = expert_index.device
     rank = (priority_rank(priority) if priority is not None
             else torch.arange(num_tokens, device=device))
     choice_offset = torch.arange(top_k, device=device) * num_tokens
     # Unique key per assignment: expert first, then choice, then service order.
-    key = expert_index * (top_k * num_tokens) + choice_offset + rank[:, None]
+    key = expert_index * num_rows + choice_offset + rank[:, None]
     order = torch.argsort(key.flatten())
     sorted_expert = expert_index.flatten()[order]
 
-    expert_load = torch.bincount(expert_index.flatten(), minlength=num_experts)
+    expert_load = histogram(expert_index.flatten(), num_experts)
     group_start = torch.cumsum(expert_load, 0) - expert_load
-    sorted_position = torch.arange(order.numel(), device=device) - group_start[sorted_expert]
-
-    row = torch.empty_like(sorted_position)
+    sorted_position = torch.arange(num_rows, device=device) - group_start[sorted_expert]
     if capacity is None:
-        kept_order, tokens_per_expert = order, expert_load
-        row[order] = torch.arange(order.numel(), device=device)
+        tokens_per_expert, sorted_row = expert_load, torch.arange(num_rows, device=device)
+        sorted_row_expert = sorted_expert
     else:
-        kept = sorted_position < capacity
-        kept_order = order[kept]
         tokens_per_expert = expert_load.clamp(max=capacity)
-        row[order] = torch.where(kept, torch.cumsum(kept, 0) - 1, -1)
+        kept_start = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+        sorted_kept = sorted_position < capacity
+        dropped_row = tokens_per_expert.sum() + torch.cumsum(~sorted_kept, 0) - 1
+        sorted_row = torch.where(sorted_kept, kept_start[sorted_expert] + sorted_position,
+                                 dropped_row)
+        sorted_row_expert = torch.where(sorted_kept, sorted_expert, num_experts)
+
+    row = torch.empty_like(order)
+    row[order] = sorted_row
+    choice_index = torch.empty_like(order)
+    choice_index[sorted_row] = order
+    row_expert = torch.empty_like(order)
+    row_expert[sorted_row] = sorted_row_expert
+    group_end = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
     return DispatchPlan(
-        token_index=torch.div(kept_order, top_k, rounding_mode='floor'),
-        choice_index=kept_order,
+        token_index=torch.div(choice_index, top_k, rounding_mode='floor'),
+        choice_index=choice_index,
         tokens_per_expert=tokens_per_expert,
         expert_load=expert_load,
+        group_end=group_end,
+        row_expert=row_expert,
         row=row.view(num_tokens, top_k),
+        kept=(row < group_end[-1]).view(num_tokens, top_k),
+        num_dropped=num_rows - group_end[-1].long(),
         order=order,
         sorted_position=sorted_position)
 
 
-def combine(expert_output: torch.Tensor, weight: torch.Tensor,
-            row: torch.Tensor) -> torch.Tensor:
+def combine(expert_output: torch.Tensor, weight: torch.Tensor, row: torch.Tensor,
+            kept: torch.Tensor) -> torch.Tensor:
     """Each token's weighted sum of its kept expert outputs; dropped assignments add zero.
 
-    A gather (backward: index_add) rather than a scatter into a zero-filled output.
+    A dropped assignment's row holds no expert's output (anything, NaN included): it is
+    selected away, never multiplied by zero, and gets no gradient. A gather (backward:
+    index_add) rather than a scatter into a zero-filled output.
 
     Args:
-        expert_output (Tensor): outputs of the kept assignments in expert order, shape (N, D).
+        expert_output (Tensor): one row per assignment, kept ones in expert order, (S * k, D).
         weight (Tensor): combine weight per (token, choice), shape (S, k).
-        row (Tensor): row of ``expert_output`` per (token, choice), -1 if dropped, shape (S, k).
+        row (Tensor): row of ``expert_output`` per (token, choice), shape (S, k).
+        kept (Tensor): whether each (token, choice) was kept, shape (S, k).
 
     Returns:
         Tensor: shape (S, D).
     """
     num_tokens, top_k = row.shape
-    weight = (weight * (row >= 0)).to(expert_output.dtype)
-    gathered = expert_output.index_select(0, row.clamp(min=0).flatten())
+    gathered = expert_output.index_select(0, row.flatten())
+    gathered = torch.where(kept.reshape(-1, 1), gathered, 0)
+    weight = weight.to(expert_output.dtype)
     if top_k == 1:
         return gathered * weight
     gathered = gathered.view(num_tokens, top_k, expert_output.shape[-1])

@@ -1,9 +1,10 @@
 """Experts as stacked parameters: ``W_e = W_core + R_e`` for every projection."""
-from typing import Callable, Iterator, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .grouped_linear import residual_grouped_linear
 
 
 class ResidualExperts(nn.Module):
@@ -11,7 +12,9 @@ class ResidualExperts(nn.Module):
 
     Parameters follow ``nn.Linear``'s (out, in) layout so a dense FFN's weights are the core as
     they are. Experts are single stacked tensors, so an expert that receives no token still
-    takes part in the graph and DDP never sees an unused parameter.
+    takes part in the graph and DDP never sees an unused parameter. Nothing derived from the
+    parameters is kept between forwards, so every forward sees the weights as they are now,
+    however they were changed.
 
     Args:
         widths (Sequence[int]): widths through the FFN, e.g. ``(D, H, D)`` for two projections.
@@ -40,7 +43,6 @@ class ResidualExperts(nn.Module):
             [nn.Parameter(torch.empty(num_experts, o)) for o, _ in shapes])
         self.activations = nn.ModuleList([activation() for _ in shapes[:-1]])
         self.dropout = nn.Dropout(dropout)
-        self._inference_cache = None
         self.reset_parameters()
         self.freeze_core(freeze_core)
 
@@ -86,44 +88,26 @@ class ResidualExperts(nn.Module):
         pairs = [self.expert_weights(i) for i in range(self.num_projections)]
         return [w.mean(0) for w, _ in pairs], [b.mean(0) for _, b in pairs]
 
-    def _expert_parameters(self) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """For each expert in turn, its (weight, bias) per projection: core + residual.
+    def forward(self, x: torch.Tensor, group_end: torch.Tensor, row_expert: torch.Tensor,
+                sizes: Optional[List[int]] = None, backend: str = 'grouped_mm') -> torch.Tensor:
+        """Run every row of ``x`` through its expert; rows come grouped by expert.
 
-        A generator, so each expert's weights are formed right before its matmuls and are
-        still in cache when those run. ``unbind`` (not indexing) keeps the backward to one
-        write of each residual gradient.
+        Args:
+            x (Tensor): shape (N, D), in the dtype to compute in.
+            group_end (Tensor): int32 end of each expert's rows, shape (E,).
+            row_expert (Tensor): expert of each row, E for a dropped row, shape (N,).
+            sizes (list[int], optional): rows per expert and the dropped rows, on the host
+                (the ``'loop'`` backend only).
+            backend (str): ``'grouped_mm'`` or ``'loop'`` (see :mod:`.grouped_linear`).
+
+        Returns:
+            Tensor: shape (N, D); rows past ``group_end[-1]`` are undefined.
         """
-        residual_w = [w.unbind(0) for w in self.residual_weights]
-        residual_b = [b.unbind(0) for b in self.residual_biases]
-        for e in range(self.num_experts):
-            yield [(cw + rw[e], cb + rb[e]) for cw, cb, rw, rb in zip(
-                self.core_weights, self.core_biases, residual_w, residual_b)]
-
-    def _inference_parameters(self) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """The merged weights, kept between no-grad forwards until a parameter changes."""
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if self._inference_cache is None or self._inference_cache[0] != key:
-            self._inference_cache = (key, list(self._expert_parameters()))
-        return self._inference_cache[1]
-
-    def _run_expert(self, x: torch.Tensor,
-                    params: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        for i, (weight, bias) in enumerate(params):
-            x = F.linear(x, weight, bias)
-            if i < len(params) - 1:
+        for i in range(self.num_projections):
+            x = residual_grouped_linear(
+                x, self.core_weights[i], self.residual_weights[i], self.core_biases[i],
+                self.residual_biases[i], group_end, row_expert, sizes, backend)
+            if i < self.num_projections - 1:
                 x = self.activations[i](x)
             x = self.dropout(x)
         return x
-
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Run rows of ``x`` grouped by expert (``tokens_per_expert[e]`` rows for expert e).
-
-        The loop runs over experts (a few matmuls each), never over tokens.
-        """
-        if torch.is_grad_enabled():
-            self._inference_cache = None
-            params = self._expert_parameters()
-        else:
-            params = self._inference_parameters()
-        chunks = x.split(tokens_per_expert.tolist())
-        return torch.cat([self._run_expert(chunk, p) for chunk, p in zip(chunks, params)])

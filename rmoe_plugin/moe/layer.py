@@ -6,13 +6,20 @@ from torch import nn
 
 from .dispatch import combine, expert_capacity, plan_dispatch
 from .experts import ResidualExperts
+from .grouped_linear import BACKENDS, choose_backend, grouped_mm_available
 from .losses import importance_loss, router_z_loss, switch_balance_loss
 from .router import Routing, TopKRouter
 
 
 def check_moe_args(num_experts: int, top_k: int, capacity_factor: Optional[float],
-                   eval_capacity_factor: Optional[float], **loss_weights: float) -> None:
+                   eval_capacity_factor: Optional[float], expert_backend: str = 'auto',
+                   **loss_weights: float) -> None:
     """Raise ``ValueError`` naming the first argument that cannot make a working layer."""
+    if expert_backend not in BACKENDS:
+        raise ValueError(f'expert_backend must be one of {BACKENDS}, got {expert_backend!r}')
+    if expert_backend == 'grouped_mm' and not grouped_mm_available():
+        raise ValueError(f"expert_backend='grouped_mm' needs torch.nn.functional.grouped_mm "
+                         f'or torch._grouped_mm, which torch {torch.__version__} lacks')
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f'num_experts must be an int >= 1, got {num_experts!r}')
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -24,6 +31,14 @@ def check_moe_args(num_experts: int, top_k: int, capacity_factor: Optional[float
     for name, value in loss_weights.items():
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on, else ``x``'s."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def combine_weight(gates: torch.Tensor, straight_through: bool,
@@ -45,9 +60,10 @@ def combine_weight(gates: torch.Tensor, straight_through: bool,
 class MoEFeedForward(nn.Module):
     """Router + index dispatch + residual experts + combine, for tokens of shape (..., D).
 
-    The output has the input's shape and dtype. Balance losses (training forwards only) and
-    routing statistics of the last forward are kept on the side in ``last_losses`` and
-    ``last_stats``; the return value never changes type.
+    The output has the input's shape, and its dtype unless autocast is on (then autocast's,
+    as an ``nn.Linear``'s would be); the router and the losses stay fp32. Balance losses
+    (training forwards only) and routing statistics of the last forward are kept on the side
+    in ``last_losses`` and ``last_stats``; the return value never changes type.
 
     Args:
         embed_dims (int): token width D.
@@ -72,6 +88,10 @@ class MoEFeedForward(nn.Module):
         importance_loss_weight (float): weight of importance CV^2. Default: 0.01.
         balance_loss_weight (float): weight of the Switch load-balancing loss. Default: 0.
         z_loss_weight (float): weight of the router z-loss. Default: 0.
+        expert_backend (str): how the experts run: ``'grouped_mm'`` (torch's grouped GEMM,
+            no host synchronisation), ``'loop'`` (a matmul per expert, one synchronisation
+            per forward) or ``'auto'``: ``'grouped_mm'`` where torch has its fast kernel
+            (bf16 on sm90/sm100 GPUs), ``'loop'`` elsewhere. Default: 'auto'.
     """
 
     def __init__(self, embed_dims: int, feedforward_channels: int, num_experts: int = 8,
@@ -83,12 +103,12 @@ class MoEFeedForward(nn.Module):
                  straight_through: bool = True, normalize_gates: bool = True,
                  residual_init_std: float = 0.0, freeze_core: bool = False,
                  importance_loss_weight: float = 0.01, balance_loss_weight: float = 0.0,
-                 z_loss_weight: float = 0.0):
+                 z_loss_weight: float = 0.0, expert_backend: str = 'auto'):
         super().__init__()
         self.loss_weights = dict(importance=importance_loss_weight,
                                  balance=balance_loss_weight, zloss=z_loss_weight)
         check_moe_args(num_experts, top_k, capacity_factor, eval_capacity_factor,
-                       importance_loss_weight=importance_loss_weight,
+                       expert_backend, importance_loss_weight=importance_loss_weight,
                        balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
         if num_fcs < 2:
             raise ValueError(f'num_fcs must be >= 2, got {num_fcs!r}')
@@ -101,6 +121,7 @@ class MoEFeedForward(nn.Module):
         self.batch_prioritized = batch_prioritized
         self.straight_through = straight_through
         self.normalize_gates = normalize_gates
+        self.expert_backend = expert_backend
         widths = [embed_dims] + [feedforward_channels] * (num_fcs - 1) + [embed_dims]
         self.router = TopKRouter(embed_dims, num_experts, top_k, noise_std=router_noise_std)
         self.experts = ResidualExperts(widths, num_experts, activation, dropout,
@@ -120,10 +141,15 @@ class MoEFeedForward(nn.Module):
         priority = routing.gates[:, 0] if self.batch_prioritized else None
         plan = plan_dispatch(routing.expert_index, self.num_experts, capacity, priority)
 
-        expert_in = tokens.index_select(0, plan.token_index)  # backward: index_add, not index_put
-        expert_out = self.experts(expert_in, plan.tokens_per_expert)
+        dtype = compute_dtype(tokens)
+        backend = choose_backend(self.expert_backend, tokens.device, dtype)
+        sizes = plan.group_sizes() if backend == 'loop' else None  # the one host sync
+        expert_in = tokens.to(dtype).index_select(0, plan.token_index)
+        with torch.autocast(tokens.device.type, enabled=False):
+            expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
+                                      backend)
         weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
-        out = combine(expert_out, weight, plan.row)
+        out = combine(expert_out, weight, plan.row, plan.kept)
 
         self.last_stats = dict(
             expert_load=plan.expert_load,
@@ -133,7 +159,7 @@ class MoEFeedForward(nn.Module):
             router_entropy=torch.special.entr(routing.probs.detach()).sum(-1).mean(),
             expert_index=routing.expert_index[:, 0].detach())
         self.last_losses = self.balance_losses(routing) if self.training else {}
-        return out.view_as(x)
+        return out.view(*x.shape[:-1], self.embed_dims)
 
     def balance_losses(self, routing: Routing) -> Dict[str, torch.Tensor]:
         """Weighted balance losses with a non-zero weight, keyed ``loss_moe_<name>``."""

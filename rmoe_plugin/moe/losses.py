@@ -1,6 +1,8 @@
 """Balance losses as pure functions of the router's outputs for one routing group."""
 import torch
 
+from .dispatch import histogram
+
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation, ``(std(x) / mean(x))^2`` (population std)."""
@@ -29,7 +31,7 @@ def switch_balance_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torc
         expert_index (Tensor): chosen experts, best first, shape (S, k).
     """
     num_tokens, num_experts = probs.shape
-    top1 = torch.bincount(expert_index[:, 0], minlength=num_experts)
+    top1 = histogram(expert_index[:, 0], num_experts)
     fraction = top1.to(probs.dtype) / num_tokens
     return num_experts * torch.dot(fraction, probs.mean(dim=0))
 

@@ -1,0 +1,210 @@
+"""The MoE layer's hot path: non-finite tokens stay isolated, no host waits, low precision,
+torch.compile, and what the backward keeps alive."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rmoe_plugin.moe import MoEFeedForward
+
+BACKENDS = ['loop', 'grouped_mm']
+aten = torch.ops.aten
+
+
+def make_layer(**kwargs):
+    torch.manual_seed(0)
+    args = dict(embed_dims=8, feedforward_channels=16, num_experts=4, residual_init_std=0.1)
+    args.update(kwargs)
+    return MoEFeedForward(**args)
+
+
+def route_all_to_expert_0(layer):
+    """Every token prefers expert 0, the more the larger its first feature."""
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 2.0
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('top_k', [1, 2])
+@pytest.mark.parametrize('poisoned', ['kept', 'dropped'])
+def test_one_non_finite_token_leaves_every_other_token_finite(backend, top_k, poisoned):
+    layer = make_layer(top_k=top_k, capacity_factor=0.5, expert_backend=backend)
+    route_all_to_expert_0(layer)
+    x = torch.randn(32, 8)
+    x[:, 0] = torch.linspace(1, 2, 32)  # batch-prioritised: the last tokens are kept
+    bad = 31 if poisoned == 'kept' else 0
+    x[bad, 1] = float('inf')
+    out = layer(x)
+    others = torch.arange(32) != bad
+    assert torch.isfinite(out[others]).all()
+    assert layer.last_stats['drop_fraction'].item() > 0
+    assert out[others][:8].abs().sum() == 0  # dropped tokens output zero, not 0 * inf
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_a_dropped_token_reads_nothing_of_the_first_kept_row(backend):
+    # The kept row 0 holds an overflowing output; the dropped tokens must not touch it.
+    layer = make_layer(num_experts=2, capacity_factor=0.5, expert_backend=backend)
+    route_all_to_expert_0(layer)
+    x = torch.randn(16, 8)
+    x[:, 0] = torch.linspace(1, 2, 16)
+    x[-1, 2] = 1e36  # the most confident token, in row 0: its expert output overflows
+    with torch.no_grad():
+        layer.experts.core_weights[0][:, 2] = 1e4
+    out = layer(x)
+    assert not torch.isfinite(out[-1]).all()
+    assert torch.isfinite(out[:-1]).all() and out[:12].abs().sum() == 0
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the ops that make the host wait for a device: reading a value (``.item()``;
+    ``.tolist()`` and ``.numpy()``, which bypass the dispatcher, are counted by
+    ``count_host_reads``) and ops whose output size depends on the data."""
+    SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default,
+               aten.masked_select.default, aten.bincount.default, aten.unique_dim.default,
+               aten._unique2.default, aten.repeat_interleave.Tensor}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        boolean_index = func is aten.index.Tensor and any(
+            t is not None and t.dtype == torch.bool for t in args[1])
+        if func in self.SYNCING or boolean_index:
+            self.ops.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def count_host_reads(monkeypatch):
+    """Counts ``Tensor.tolist`` and ``Tensor.numpy`` calls into the returned list."""
+    calls = []
+    for name in ('tolist', 'numpy'):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize('backend,allowed', [('grouped_mm', 0), ('loop', 1)])
+@pytest.mark.parametrize('top_k,capacity_factor', [(1, 1.0), (2, 1.25), (2, None)])
+def test_host_synchronisations_per_training_step(backend, allowed, top_k, capacity_factor,
+                                                 count_host_reads):
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, expert_backend=backend,
+                       importance_loss_weight=0.01, balance_loss_weight=0.01,
+                       z_loss_weight=0.001, router_noise_std=0.1)
+    x = torch.randn(4, 16, 8, requires_grad=True)
+    with HostSyncCounter() as counter:
+        out = layer(x)
+        loss = out.square().mean() + sum(layer.last_losses.values())
+        loss.backward()
+    assert len(counter.ops + count_host_reads) == allowed, counter.ops + count_host_reads
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_the_counters_see_the_syncs_they_are_meant_to_catch(count_host_reads):
+    t = torch.tensor([0, 2, 1])
+    with HostSyncCounter() as counter:
+        t.tolist()
+        t[1].item()
+        t[t > 0]
+        torch.bincount(t)
+        t.nonzero()
+    assert counter.ops == ['_local_scalar_dense.default', 'index.Tensor', 'bincount.default',
+                           'nonzero.default'] and count_host_reads == ['tolist']
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_bf16_autocast_training_keeps_router_and_losses_in_fp32(backend):
+    torch.manual_seed(0)
+    layer = make_layer(embed_dims=16, feedforward_channels=32, top_k=2,
+                       expert_backend=backend, residual_init_std=0.02,
+                       balance_loss_weight=0.01, z_loss_weight=0.001)
+    head = torch.nn.Linear(16, 1)
+    params = [*layer.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    x, target = torch.randn(64, 16), torch.randn(64, 1)
+    losses = []
+    for _ in range(5):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = layer(x)
+            assert out.dtype == torch.bfloat16
+            assert layer.router(x).logits.dtype == torch.float32
+            assert all(v.dtype == torch.float32 for v in layer.last_losses.values())
+            loss = (head(out).float() - target).square().mean() + sum(
+                layer.last_losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                   for p in params)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert layer.router.weight.grad.abs().sum() > 0
+    assert layer.experts.residual_weights[0].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_backends_agree(dtype):
+    layer = make_layer(embed_dims=32, feedforward_channels=64, top_k=2, capacity_factor=1.0)
+    layer.to(dtype)
+    x = torch.randn(96, 32, dtype=dtype)
+    results = []
+    for backend in BACKENDS:
+        layer.expert_backend = backend
+        layer.zero_grad()
+        out = layer(x)
+        out.float().square().sum().backward()
+        results.append([out] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*results):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b)
+        else:  # bf16: 8 mantissa bits, and the two kernels round at different steps
+            assert ((a - b).float().norm() / b.float().norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize('top_k,capacity_factor', [(1, 1.0), (2, None)])
+def test_compiles_without_a_graph_break(top_k, capacity_factor):
+    # bf16: torch 2.9's shape function for the grouped GEMM accepts nothing else
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor,
+                       expert_backend='grouped_mm', balance_loss_weight=0.01).bfloat16()
+    x = torch.randn(2, 24, 8, dtype=torch.bfloat16, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+
+    def step(module):
+        x.grad = None
+        layer.zero_grad()
+        out = module(x)
+        (out.square().sum() + sum(layer.last_losses.values())).backward()
+        return [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    for got, want in zip(step(compiled), step(layer)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_backward_keeps_no_merged_expert_weights(backend):
+    layer = make_layer(embed_dims=16, feedforward_channels=48, num_experts=8,
+                       expert_backend=backend)
+    params = {p.data_ptr() for p in layer.parameters()}
+    expert_sized = {16 * 48 * 8, 48 * 8}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    x = torch.randn(64, 16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    copies = [tuple(t.shape) for t in saved
+              if t.numel() in expert_sized and t.data_ptr() not in params]
+    assert copies == []
+    out.sum().backward()  # and the backward still works from what was kept
+    assert layer.experts.residual_weights[1].grad.abs().sum() > 0
