@@ -1,0 +1,79 @@
+"""When the plugin's OpenMMLab modules are registered.
+
+``import rmoe_plugin`` registers them (a config's ``custom_imports`` relies on it), yet
+``import rmoe_plugin.moe``, which runs the package's ``__init__`` first, must import no
+OpenMMLab package, so that the layer works where none is installed. Registration therefore
+waits for mmengine: it happens at import when mmengine's registry is already loaded, and
+otherwise right before that registry's first lookup, whatever was imported in between (a
+registry is only ever read through ``Registry.get``).
+"""
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Callable
+
+# Subpackages whose import registers modules (each with the decorators of its registry).
+OPENMMLAB_SUBPACKAGES = ('engine', 'models', 'backbones', 'pipeline')
+_REGISTRY_MODULE = 'mmengine.registry.registry'
+_state = dict(registered=False)
+
+
+def register_all_modules() -> None:
+    """Register every RMoE module in the mmengine, mmseg, mmdet and mmpretrain registries and
+    let mmengine's checkpoints load weights-only. Idempotent."""
+    if _state['registered']:
+        return
+    _state['registered'] = True  # before the imports: they may look registries up
+    try:
+        for name in OPENMMLAB_SUBPACKAGES:
+            importlib.import_module(f'{__package__}.{name}')
+        from .engine.checkpoint import allow_mmengine_checkpoints
+        allow_mmengine_checkpoints()
+    except BaseException:
+        _state['registered'] = False
+        raise
+
+
+def register_when_mmengine_loads() -> None:
+    """Register now if mmengine's registry is loaded, else before its first lookup."""
+    if _REGISTRY_MODULE in sys.modules:
+        register_all_modules()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(_REGISTRY_MODULE, _register_before_first_lookup))
+
+
+def _register_before_first_lookup(registry_module) -> None:
+    registry_class = registry_module.Registry
+    original_get = registry_class.get
+
+    def get(self, key):
+        registry_class.get = original_get
+        register_all_modules()
+        return original_get(self, key)
+
+    registry_class.get = get
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``callback(module)`` once the module ``name`` has been executed, then leaves."""
+
+    def __init__(self, name: str, callback: Callable):
+        self.name = name
+        self.callback = callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            self.callback(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
