@@ -5,6 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rmoe_plugin.moe import MoEFeedForward
+from rmoe_plugin.utils import PeakMemory
 
 BACKENDS = ['loop', 'grouped_mm']
 aten = torch.ops.aten
@@ -208,3 +209,50 @@ def test_backward_keeps_no_merged_expert_weights(backend):
     assert copies == []
     out.sum().backward()  # and the backward still works from what was kept
     assert layer.experts.residual_weights[1].grad.abs().sum() > 0
+
+
+def fwd_bwd_peak(layer, x):
+    layer(x).sum().backward()  # steady state: gradients exist, then are freed as a step does
+    layer.zero_grad(set_to_none=True)
+    with PeakMemory() as memory:
+        layer(x).sum().backward()
+    return memory.peak
+
+
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_training_memory_is_dense_plus_the_extra_gradients(backend, top_k):
+    torch.manual_seed(0)
+    dims, hidden, experts, tokens = 128, 512, 8, 64
+    dense = torch.nn.Sequential(torch.nn.Linear(dims, hidden), torch.nn.GELU(),
+                                torch.nn.Linear(hidden, dims))
+    moe = MoEFeedForward(dims, hidden, num_experts=experts, top_k=top_k,
+                         expert_backend=backend, residual_init_std=0.01)
+    x = torch.randn(tokens, dims, requires_grad=True)
+    param_bytes = [sum(p.numel() * p.element_size() for p in m.parameters())
+                   for m in (dense, moe)]
+    extra_gradients = param_bytes[1] - param_bytes[0]
+    # What an MoE step needs beyond that: merged weights while a kernel runs (one expert's
+    # projection in the loop, every expert's for the grouped GEMM), and the k copies of the
+    # tokens that dispatch and combine hold, a few times over.
+    merged_projection = hidden * dims * 4
+    merged = merged_projection * (1 if backend == 'loop' else experts)
+    dispatch = 4 * tokens * top_k * (dims + hidden) * 4
+    limit = fwd_bwd_peak(dense, x) + extra_gradients + merged + dispatch
+    peak = fwd_bwd_peak(moe, x)
+    assert peak <= limit, (peak, limit)
+    # Keeping every merged weight of both projections for the backward would not fit.
+    assert 2 * experts * merged_projection > limit - peak
+
+
+def test_peak_memory_counts_new_storages_only():
+    base = torch.zeros(1000)
+    with PeakMemory() as memory:
+        view = base[10:]           # shares base's storage: nothing new
+        base.add_(1)               # in place: nothing new
+        a = torch.ones(1000)       # 4000 bytes
+        b = a * 2                  # 8000
+        del a, b
+        c = torch.empty(250)       # 1000
+    assert (memory.peak, memory.current) == (8000, 1000)
+    assert view.shape == (990,) and c.numel() == 250

@@ -10,7 +10,7 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from rmoe_plugin import RMoEFFN, collect_moe_losses
-from rmoe_plugin.utils import measure_ffn_pair
+from rmoe_plugin.utils.layer_benchmark import measure_ffn_pair
 
 
 def parse_args():

@@ -1,4 +1,5 @@
-from .benchmark import measure_ffn_pair
+"""Measuring: interleaved timing and peak tensor memory (pure PyTorch)."""
+from .memory import PeakMemory
 from .timing import interleaved_times, median_ms
 
-__all__ = ['interleaved_times', 'measure_ffn_pair', 'median_ms']
+__all__ = ['PeakMemory', 'interleaved_times', 'median_ms']

@@ -1,4 +1,5 @@
 """A segmentor's training step and inference, from its config (tools/benchmark_backbone.py)."""
+import contextlib
 from typing import Callable, Dict
 
 import torch
@@ -8,18 +9,23 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import init_default_scope
 from mmengine.structures import PixelData
 
+from .memory import PeakMemory, optimizer_state_tensors, tensor_bytes
 
-def build_segmentor(config: str, crop_size: int = 512) -> torch.nn.Module:
-    """The config's segmentor with random weights (nothing downloaded), SyncBN as BN."""
+
+def build_segmentor(config: str, crop_size: int = 512, device: str = 'cpu') -> torch.nn.Module:
+    """The config's segmentor with random weights (nothing downloaded); SyncBN as BN on the
+    CPU, where there is no process group to synchronise over."""
     cfg = Config.fromfile(config)
     cfg.model.data_preprocessor.size = (crop_size, crop_size)
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     from mmseg.registry import MODELS
     cfg.model.backbone.init_cfg = None
-    model = revert_sync_batchnorm(MODELS.build(cfg.model))
+    model = MODELS.build(cfg.model)
+    if not torch.distributed.is_initialized():
+        model = revert_sync_batchnorm(model)
     model.init_weights()
     model.optim_cfg = cfg.optim_wrapper
-    return model
+    return model.to(device)
 
 
 def synthetic_batch(batch_size: int, size: int, num_classes: int = 150, seed: int = 0) -> dict:
@@ -37,16 +43,57 @@ def synthetic_batch(batch_size: int, size: int, num_classes: int = 150, seed: in
     return dict(inputs=inputs, data_samples=samples)
 
 
-def step_functions(model: torch.nn.Module, batch: dict) -> Dict[str, Callable[[], None]]:
+def optim_wrapper_for(model: torch.nn.Module, amp: str = None):
+    """The config's optimiser; with ``amp`` ('bf16' or 'fp16') as mmengine's ``--amp`` sets it
+    on a GPU (``AmpOptimWrapper``), and as plain autocast on the CPU (which mmengine's AMP
+    wrapper does not serve)."""
+    cfg = dict(model.optim_cfg)
+    device = next(model.parameters()).device
+    if amp and device.type == 'cuda':
+        cfg.update(type='AmpOptimWrapper', dtype={'bf16': 'bfloat16', 'fp16': 'float16'}[amp],
+                   loss_scale='dynamic')
+    return build_optim_wrapper(model, cfg)
+
+
+def step_functions(model: torch.nn.Module, batch: dict,
+                   amp: str = None) -> Dict[str, Callable[[], None]]:
     """``train step`` (forward, backward, optimiser step) and ``inference`` (predict)."""
-    optim_wrapper = build_optim_wrapper(model, model.optim_cfg)
+    optim_wrapper = optim_wrapper_for(model, amp)
+    device = next(model.parameters()).device
+    cpu_autocast = (torch.autocast('cpu', dtype=torch.bfloat16) if amp and device.type == 'cpu'
+                    else contextlib.nullcontext())
 
     def train_step():
         model.train()
-        model.train_step(batch, optim_wrapper)
+        with cpu_autocast:
+            model.train_step(batch, optim_wrapper)
 
     def inference():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), cpu_autocast:
             model.test_step(batch)
-    return {'train step': train_step, 'inference': inference}
+    functions = {'train step': train_step, 'inference': inference}
+    functions['optim_wrapper'] = optim_wrapper
+    return functions
+
+
+def training_memory(model: torch.nn.Module, steps: Dict[str, Callable]) -> Dict[str, int]:
+    """Bytes of parameters, optimiser state and the peak a training step adds to them
+    (activations, gradients, temporaries), measured on a step after the first."""
+    steps['train step']()  # the optimiser's state exists from here on
+    device = next(model.parameters()).device
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        steps['train step']()
+        torch.cuda.synchronize(device)
+        step_peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with PeakMemory() as memory:
+            steps['train step']()
+        step_peak = memory.peak
+    optimizer = steps['optim_wrapper'].optimizer
+    return dict(parameters=tensor_bytes(*model.parameters()),
+                optimizer_state=tensor_bytes(*optimizer_state_tensors(optimizer)),
+                step_peak=step_peak)
