@@ -14,7 +14,8 @@ __version__ = '0.1.0'
 
 # What lives in the OpenMMLab glue, loaded on first access.
 _OPENMMLAB_EXPORTS = {
-    'CostHook': 'pipeline', 'MoEStatsHook': 'engine', 'RMoECascadeRCNN': 'models',
+    'CostHook': 'pipeline', 'CvT': 'backbones', 'MoEStatsHook': 'engine',
+    'RMoECascadeRCNN': 'models', 'RMoECvT': 'backbones',
     'RMoEEncoderDecoder': 'models', 'RMoEFFN': 'models', 'RMoEMaskRCNN': 'models',
     'RMoESwinTransformer': 'backbones', 'RMoESwinTransformerDet': 'backbones',
     'allow_mmengine_checkpoints': 'engine', 'rmoe_model': 'models',
