@@ -121,7 +121,8 @@ def test_the_counters_see_the_syncs_they_are_meant_to_catch(count_host_reads):
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_bf16_autocast_training_keeps_router_and_losses_in_fp32(backend):
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_mixed_precision_training_keeps_router_and_losses_in_fp32(backend, dtype):
     torch.manual_seed(0)
     layer = make_layer(embed_dims=16, feedforward_channels=32, top_k=2,
                        expert_backend=backend, residual_init_std=0.02,
@@ -129,21 +130,23 @@ def test_bf16_autocast_training_keeps_router_and_losses_in_fp32(backend):
     head = torch.nn.Linear(16, 1)
     params = [*layer.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scaler = torch.amp.GradScaler('cpu', enabled=dtype == torch.float16)
     x, target = torch.randn(64, 16), torch.randn(64, 1)
     losses = []
     for _ in range(5):
-        with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.autocast('cpu', dtype=dtype):
             out = layer(x)
-            assert out.dtype == torch.bfloat16
+            assert out.dtype == dtype
             assert layer.router(x).logits.dtype == torch.float32
             assert all(v.dtype == torch.float32 for v in layer.last_losses.values())
             loss = (head(out).float() - target).square().mean() + sum(
                 layer.last_losses.values())
         optimizer.zero_grad()
-        loss.backward()
+        scaler.scale(loss).backward()
         assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                    for p in params)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
