@@ -1,4 +1,4 @@
-"""The dense CvT backbone: official weights and outputs, arguments, configs.
+"""The CvT backbone, dense and RMoE: official weights and outputs, arguments, configs.
 
 ``fixtures/cvt_tiny_official.pth`` holds what the official microsoft/CvT code computes for a
 tiny CvT (see ``fixtures/README.md``); the tests load its state dict the way a config does and
@@ -18,6 +18,8 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
 
+from rmoe_plugin import RMoEFFN, collect_moe_losses
+from rmoe_plugin.backbones import RMoECvT
 from rmoe_plugin.backbones.cvt import ARCH_KEYS, ARCH_SETTINGS, CvT, QuickGELU, resolve_arch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -373,3 +375,68 @@ def test_shipped_configs_fit_cvt13_maps_to_their_heads(config, scope):
             feats = model.extract_feat(torch.randn(1, 3, 128, 128))
             assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
 
+
+# ------------------------------------------------------------------------------------ RMoECvT
+
+def rmoe_tiny(reference, **kwargs):
+    kwargs.setdefault('drop_path_rate', 0.0)
+    kwargs.setdefault('moe_cfg', dict(num_experts=4))
+    return RMoECvT(arch_of(reference['spec']), **kwargs)
+
+
+def test_rmoe_cvt_from_the_official_checkpoint_reproduces_the_official_stages(reference,
+                                                                             tmp_path):
+    path = save(tmp_path, reference['state_dict'])
+    model = rmoe_tiny(reference, init_cfg=pretrained(path), moe_blocks='all')
+    assert model.moe_layer_names == ['stage0.blocks.0.mlp', 'stage1.blocks.0.mlp',
+                                     'stage1.blocks.1.mlp', 'stage2.blocks.0.mlp',
+                                     'stage2.blocks.1.mlp']
+    with logged_messages() as messages:
+        model.init_weights()
+    assert any("5 took the checkpoint's dense FFNs as their cores" in m for m in messages)
+    assert not [m for m in messages if 'missing' in m or 'unexpected' in m]
+    core = model.stage2.blocks[1].mlp.moe.experts.core_weights[1]
+    torch.testing.assert_close(core, reference['state_dict']['stage2.blocks.1.mlp.fc2.weight'])
+    model.eval()
+    with torch.no_grad():
+        assert_maps_close(model(reference['input']), reference['outputs'])
+        assert_maps_close(model(reference['odd_input']), reference['odd_outputs'])
+
+
+def test_rmoe_cvt_default_blocks_and_registries(reference):
+    assert RMoECvT('cvt-13').moe_layer_names == [
+        'stage1.blocks.1.mlp'] + [f'stage2.blocks.{b}.mlp' for b in (1, 3, 5, 7, 9)]
+    for scope in ('mmseg', 'mmdet'):
+        model = build(scope, dict(type='RMoECvT', arch=arch_of(reference['spec']),
+                                  moe_blocks=[[], [1], []], moe_cfg=dict(num_experts=2)))
+        assert type(model) is RMoECvT and model.moe_blocks == [[], [1], []]
+        assert isinstance(model.stage1.blocks[1].mlp, RMoEFFN)
+
+
+def test_rmoe_cvt_with_cp_keeps_the_balance_loss_gradient(reference):
+    model = rmoe_tiny(reference, with_cp=True, moe_blocks='all',
+                      moe_cfg=dict(num_experts=4, importance_loss_weight=1.0))
+    model.init_weights()
+    model.train()
+    outs = model(reference['input'].requires_grad_())
+    losses = collect_moe_losses(model)
+    assert losses['loss_moe_importance'].requires_grad
+    losses['loss_moe_importance'].backward()
+    for layer in model.moe_layers():
+        assert layer.moe.router.weight.grad.abs().sum() > 0
+    assert len(outs) == 3
+
+
+def test_rmoe_cvt_frozen_stages_freeze_its_moe_layers(reference):
+    model = rmoe_tiny(reference, frozen_stages=1, moe_blocks='all')
+    assert not any(p.requires_grad for p in model.stage1.blocks[1].mlp.parameters())
+    assert all(p.requires_grad for p in model.stage2.blocks[1].mlp.parameters())
+
+
+@pytest.mark.parametrize('moe_blocks, message', [
+    (['stage2.blocks.*.attn'], 'selects no FFN'),
+    ([[], [5], []], 'stage 1 has blocks 0..1'),
+])
+def test_rmoe_cvt_bad_selection_is_refused_by_name(reference, moe_blocks, message):
+    with pytest.raises(ValueError, match=message):
+        rmoe_tiny(reference, moe_blocks=moe_blocks)

@@ -26,6 +26,7 @@ from mmseg.registry import MODELS as MMSEG_MODELS
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
+from ..engine.convert import cvt_backbone_state_dict
 
 HWShape = Tuple[int, int]
 
@@ -355,20 +356,6 @@ def _official_init(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def backbone_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
-    """The backbone tensors of an official CvT classifier or an mmseg/mmdet checkpoint.
-
-    Official keys are at the top level or under ``model``/``state_dict``; its ``head.*`` and
-    final ``norm.*`` belong to the classifier. A full OpenMMLab model keeps the backbone under
-    ``backbone.``.
-    """
-    state_dict = extract_state_dict(checkpoint)
-    if any(k.startswith('backbone.') for k in state_dict):
-        return {k[len('backbone.'):]: v for k, v in state_dict.items()
-                if k.startswith('backbone.')}
-    return {k: v for k, v in state_dict.items() if not k.startswith(('head.', 'norm.'))}
-
-
 @MMSEG_MODELS.register_module(name='CvT')
 @MMDET_MODELS.register_module(name='CvT')
 class CvT(BaseModule):
@@ -500,7 +487,7 @@ class CvT(BaseModule):
         Raises:
             ValueError: a tensor's shape differs from this backbone's (another arch).
         """
-        state_dict = backbone_state_dict(load_checkpoint_file(path))
+        state_dict = cvt_backbone_state_dict(extract_state_dict(load_checkpoint_file(path)))
         own = self.state_dict()
         mismatched = [f'{k}: {tuple(v.shape)} in checkpoint, {tuple(own[k].shape)} here'
                       for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
@@ -511,9 +498,12 @@ class CvT(BaseModule):
         logger = MMLogger.get_current_instance()
         logger.info(f'CvT: loaded {len(state_dict) - len(result.unexpected_keys)} tensors '
                     f'from {path}')
-        if result.missing_keys:
-            logger.warning(f'CvT: missing in checkpoint (kept their initialisation): '
-                           f'{sorted(result.missing_keys)}')
+        # What a dense checkpoint cannot hold, the routers and residuals of RMoE layers, the
+        # RMoE backbone reports itself.
+        missing = sorted(k for k in result.missing_keys
+                         if '.moe.router.' not in k and '.moe.experts.residual_' not in k)
+        if missing:
+            logger.warning(f'CvT: missing in checkpoint (kept their initialisation): {missing}')
         if result.unexpected_keys:
             logger.warning(f'CvT: unexpected in checkpoint (ignored): '
                            f'{sorted(result.unexpected_keys)}')

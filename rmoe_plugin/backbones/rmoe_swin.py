@@ -2,11 +2,13 @@
 
 Two registered classes share one name: in the mmseg registry it extends mmseg's Swin, in the
 mmdet registry mmdet's, so a config built in either scope gets its framework's own Swin with
-every argument it takes, plus ``moe_cfg`` and ``moe_blocks``.
+every argument it takes, plus ``moe_cfg`` and ``moe_blocks``. The conversion is the shared one
+of :mod:`.moe_conversion`; what is Swin's own here is loading dense Swin checkpoints in the
+official and timm layouts, and checkpointing MoE blocks without re-entry.
 """
 import uuid
 from contextlib import contextmanager
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict
 
 import torch.utils.checkpoint as cp
 from mmdet.models.backbones.swin import SwinBlock as MMDetSwinBlock
@@ -20,10 +22,8 @@ from mmseg.models.backbones.swin import SwinTransformer as MMSegSwin
 from mmseg.registry import MODELS as MMSEG_MODELS
 
 from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
-from ..engine.convert import dense_ffn_to_core, to_openmmlab_swin
-from ..models.ffn import RMoEFFN
-
-MoEBlocks = Union[None, str, Sequence[Sequence[int]]]
+from ..engine.convert import dense_ffn_to_core, is_swin_derived_buffer, to_openmmlab_swin
+from .moe_conversion import RMoEBackboneMixin
 
 _IN_MEMORY: Dict[str, dict] = {}
 
@@ -46,32 +46,6 @@ def in_memory_checkpoint(checkpoint: dict):
         yield uri
     finally:
         del _IN_MEMORY[uri]
-
-
-def resolve_moe_blocks(moe_blocks: MoEBlocks, depths: Sequence[int]) -> List[List[int]]:
-    """Which blocks of each stage become MoE.
-
-    Args:
-        moe_blocks: None for the default (every other block, the odd ones, of the last two
-            stages, as Swin-MoE does); ``'all'``; ``'none'``; or one list of block indices per
-            stage, e.g. ``[[], [], [1, 3, 5], [1]]``.
-        depths: blocks per stage.
-    """
-    if moe_blocks is None:
-        return [list(range(1, d, 2)) if s >= len(depths) - 2 else []
-                for s, d in enumerate(depths)]
-    if moe_blocks == 'all':
-        return [list(range(d)) for d in depths]
-    if moe_blocks == 'none':
-        return [[] for _ in depths]
-    if isinstance(moe_blocks, str) or len(moe_blocks) != len(depths):
-        raise ValueError(f"moe_blocks must be None, 'all', 'none' or one list of block indices "
-                         f'per stage ({len(depths)} stages), got {moe_blocks!r}')
-    for stage, (blocks, depth) in enumerate(zip(moe_blocks, depths)):
-        bad = [b for b in blocks if not 0 <= b < depth]
-        if bad:
-            raise ValueError(f'moe_blocks: stage {stage} has blocks 0..{depth - 1}, got {bad}')
-    return [sorted(set(blocks)) for blocks in moe_blocks]
 
 
 def _moe_block_forward(self, x, hw_shape):
@@ -102,32 +76,28 @@ class RMoESwinBlockDet(MMDetSwinBlock):
     forward = _moe_block_forward
 
 
-class RMoESwinMixin:
-    """Turns chosen FFNs of an upstream Swin into ``RMoEFFN`` and loads dense checkpoints."""
+class RMoESwinMixin(RMoEBackboneMixin):
+    """The shared RMoE conversion on an upstream Swin, whose MoE blocks checkpoint without
+    re-entry, and which loads dense Swin checkpoints in any known layout."""
     moe_block_class: type
+    checkpoints_without_reentry = True
 
-    def _build_moe(self, moe_cfg: Optional[dict], moe_blocks: MoEBlocks) -> None:
-        depths = [len(stage.blocks) for stage in self.stages]
-        self.moe_blocks = resolve_moe_blocks(moe_blocks, depths)
-        moe_cfg = dict(moe_cfg or {})
-        for stage, blocks in zip(self.stages, self.moe_blocks):
-            for b in blocks:
-                block = stage.blocks[b]
-                block.ffn = RMoEFFN.from_dense(block.ffn, **moe_cfg)
-                block.__class__ = self.moe_block_class
-
-    def moe_layers(self) -> List[RMoEFFN]:
-        return [m for m in self.modules() if isinstance(m, RMoEFFN)]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in self.moe_layer_names:  # stages.{s}.blocks.{b}.ffn
+            self.get_submodule(name.rpartition('.')[0]).__class__ = self.moe_block_class
 
     def init_weights(self) -> None:
         if self.init_cfg is None or self.init_cfg.get('type') != 'Pretrained':
             super().init_weights()
-            for layer in self.moe_layers():  # the upstream init only touches nn.Linear
-                layer.moe.experts.reset_parameters()
-                layer.moe.router.reset_parameters()
             return
         path = self.init_cfg['checkpoint']
         state_dict, layout = to_openmmlab_swin(extract_state_dict(load_checkpoint_file(path)))
+        given = set(state_dict)
+        # What timm never stores, the upstream Swin derives: hand it its own values, so that
+        # neither loader reports them missing.
+        state_dict.update((k, v) for k, v in self.state_dict().items()
+                          if is_swin_derived_buffer(k) and k not in state_dict)
         original_cfg = self.init_cfg
         convert = getattr(self, 'convert_weights', None)
         # Both upstream loaders strip 'backbone.'; mmdet's keeps nothing else.
@@ -142,56 +112,35 @@ class RMoESwinMixin:
                 self.init_cfg = original_cfg
                 if convert is not None:
                     self.convert_weights = convert
-        self._report_loaded(path, layout, state_dict)
+        self._report_keys(path, layout, {k: state_dict[k] for k in given})
 
-    def _report_loaded(self, path: str, layout: str, state_dict: dict) -> None:
+    def _report_keys(self, path: str, layout: str, state_dict: dict) -> None:
         own = set(self.state_dict())
         given = dict(state_dict)
-        for name, layer in self.named_modules():
-            if isinstance(layer, RMoEFFN):
-                dense_ffn_to_core(given, name + '.', layer.num_fcs)
-        fresh = sorted(own - set(given))
-        moe_fresh = [k for k in fresh if '.moe.router.' in k or '.moe.experts.residual_' in k]
-        missing = [k for k in fresh if k not in moe_fresh]
-        unexpected = sorted(k for k in set(given) - own if not k.endswith('attn_mask'))
+        for name, layer in zip(self.moe_layer_names, self.moe_layers()):
+            dense_ffn_to_core(given, name + '.', layer.dense_linear_names)
+        fresh = own - set(given)
+        missing = sorted(k for k in fresh if not is_swin_derived_buffer(k)
+                         and '.moe.router.' not in k and '.moe.experts.residual_' not in k)
+        unexpected = sorted(k for k in set(given) - own if not is_swin_derived_buffer(k))
         logger = MMLogger.get_current_instance()
         logger.info(f'{type(self).__name__}: loaded a Swin checkpoint ({layout} layout) from '
-                    f'{path} into {len(self.moe_layers())} RMoE layers; '
-                    + (f'dense FFNs became their cores, routers and residuals '
-                       f'({len(moe_fresh)} tensors) start fresh' if moe_fresh
-                       else 'their experts and routers came from the checkpoint'))
+                    f'{path}')
         if missing:
             logger.warning(f'missing in checkpoint (kept their initialisation): {missing}')
         if unexpected:
             logger.warning(f'unexpected in checkpoint (ignored): {unexpected}')
 
 
-_MOE_DOC = """
-    RMoE arguments (all others are the upstream Swin's):
-        moe_cfg (dict, optional): ``RMoEFFN`` arguments for every MoE block, e.g.
-            ``dict(num_experts=8, top_k=1, capacity_factor=1.25)``.
-        moe_blocks (None | str | list[list[int]]): blocks that become MoE; None: every other
-            block of the last two stages; ``'all'``; ``'none'``; or indices per stage.
-"""
-
-
 @MMSEG_MODELS.register_module(name='RMoESwinTransformer')
 class RMoESwinTransformer(RMoESwinMixin, MMSegSwin):
-    __doc__ = 'mmseg Swin Transformer with residual-MoE FFNs.\n' + _MOE_DOC
+    __doc__ = ('mmseg Swin Transformer with residual-MoE FFNs; every argument is the upstream '
+               "Swin's, plus:\n" + (RMoEBackboneMixin.__doc__ or ''))
     moe_block_class = RMoESwinBlock
-
-    def __init__(self, *args, moe_cfg: Optional[dict] = None, moe_blocks: MoEBlocks = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._build_moe(moe_cfg, moe_blocks)
 
 
 @MMDET_MODELS.register_module(name='RMoESwinTransformer')
 class RMoESwinTransformerDet(RMoESwinMixin, MMDetSwin):
-    __doc__ = 'mmdet Swin Transformer with residual-MoE FFNs.\n' + _MOE_DOC
+    __doc__ = ('mmdet Swin Transformer with residual-MoE FFNs; every argument is the upstream '
+               "Swin's, plus:\n" + (RMoEBackboneMixin.__doc__ or ''))
     moe_block_class = RMoESwinBlockDet
-
-    def __init__(self, *args, moe_cfg: Optional[dict] = None, moe_blocks: MoEBlocks = None,
-                 **kwargs):
-        super().__init__(*args, **kwargs)
-        self._build_moe(moe_cfg, moe_blocks)

@@ -1,20 +1,23 @@
-"""Checkpoint layouts: dense Swin checkpoints into the upstream backbone layout, dense FFN keys
-into RMoE cores, and RMoE layers folded back into dense FFNs.
+"""Checkpoint layouts: the one place that knows how weights are named.
 
-Pure functions over state dicts; the backbone and the tools in ``tools/`` call them.
+Pure functions over state dicts, importing no model: dense FFN keys and the RMoE core keys they
+become, RMoE layers folded back into dense FFNs, the backbone part of a full checkpoint, and the
+foreign layouts of the backbones we load (official Swin, timm Swin, official CvT). Backbones,
+``RMoEFFN``, the tools and the analysis import them; they import nothing of ours.
 """
-import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-
-from .checkpoint import extract_state_dict, load_checkpoint_file
 
 StateDict = Dict[str, torch.Tensor]
 
 _CORE = re.compile(r'^(?P<ffn>.*)\.moe\.experts\.core_(?P<kind>weights|biases)\.(?P<i>\d+)$')
+
+# Swin buffers computed from the window size, never learnt: timm leaves them out of its
+# checkpoints (non-persistent) and the upstream Swin rebuilds them, so their absence is no loss.
+SWIN_DERIVED_BUFFERS = ('relative_position_index', 'attn_mask', 'relative_coords_table')
 
 
 def _strip(state_dict: StateDict, prefix: str) -> StateDict:
@@ -24,13 +27,128 @@ def _strip(state_dict: StateDict, prefix: str) -> StateDict:
 
 def backbone_state_dict(state_dict: StateDict) -> StateDict:
     """The backbone part of a backbone, segmentor or detector state dict, without prefixes."""
-    if all(k.startswith('module.') for k in state_dict):
+    if state_dict and all(k.startswith('module.') for k in state_dict):
         state_dict = _strip(state_dict, 'module.')
     if any(k.startswith('backbone.') for k in state_dict):
         state_dict = OrderedDict((k[len('backbone.'):], v) for k, v in state_dict.items()
                                  if k.startswith('backbone.'))
     return state_dict
 
+
+# ----------------------------------------------------------------------------- dense FFN keys
+
+def mmcv_ffn_linear_names(num_fcs: int) -> List[str]:
+    """Where an mmcv ``FFN`` keeps its projections: ``layers.0.0``, ..., ``layers.{n-1}``."""
+    return [f'layers.{i}.0' for i in range(num_fcs - 1)] + [f'layers.{num_fcs - 1}']
+
+
+def dense_ffn_keys(ffn_prefix: str, linear_names: Sequence[str]) -> List[Tuple[str, str]]:
+    """(weight key, bias key) of each projection of a dense FFN at ``ffn_prefix``.
+
+    Args:
+        ffn_prefix (str): the FFN's module path with a trailing dot, e.g. ``'layers.3.ffn.'``.
+        linear_names (Sequence[str]): its projections' names inside it, in order:
+            :func:`mmcv_ffn_linear_names` for an mmcv ``FFN``, ``('fc1', 'fc2')`` for a timm
+            ``Mlp`` and its like.
+    """
+    return [(f'{ffn_prefix}{n}.weight', f'{ffn_prefix}{n}.bias') for n in linear_names]
+
+
+def core_keys(ffn_prefix: str, num_projections: int) -> List[Tuple[str, str]]:
+    """(weight key, bias key) of each core projection of an ``RMoEFFN`` at ``ffn_prefix``."""
+    return [(f'{ffn_prefix}moe.experts.core_weights.{i}',
+             f'{ffn_prefix}moe.experts.core_biases.{i}') for i in range(num_projections)]
+
+
+def dense_ffn_to_core(state_dict: StateDict, ffn_prefix: str,
+                      linear_names: Sequence[str]) -> bool:
+    """Rename a dense FFN's keys at ``ffn_prefix`` to RMoE core keys, in place.
+
+    Returns whether anything was renamed (nothing is when the keys are already RMoE ones).
+    """
+    renamed = False
+    pairs = zip(dense_ffn_keys(ffn_prefix, linear_names),
+                core_keys(ffn_prefix, len(linear_names)))
+    for dense, core in pairs:
+        for d, c in zip(dense, core):
+            if d in state_dict and c not in state_dict:
+                state_dict[c] = state_dict.pop(d)
+                renamed = True
+    return renamed
+
+
+def rmoe_layer_prefixes(state_dict: StateDict) -> Dict[str, int]:
+    """Every RMoE layer of a state dict (prefix with a trailing dot) and its projections."""
+    projections: Dict[str, int] = {}
+    for key in state_dict:
+        m = _CORE.match(key)
+        if m:
+            ffn = m.group('ffn') + '.'
+            projections[ffn] = max(projections.get(ffn, 0), int(m.group('i')) + 1)
+    return projections
+
+
+def neighbour_linear_names(state_dict: StateDict, layer: str) -> Optional[List[str]]:
+    """The projection names of the dense FFNs beside RMoE layer ``layer`` (same place in the
+    other blocks of its block list), if they agree on one layout; else None.
+
+    ``backbone.stage2.blocks.1.mlp`` looks at ``backbone.stage2.blocks.{j}.mlp.*.weight``.
+    """
+    parts = layer.split('.')
+    numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    if not numeric:
+        return None
+    i = numeric[-1]
+    pattern = re.compile(re.escape('.'.join(parts[:i])) + r'\.\d+\.'
+                         + re.escape('.'.join(parts[i + 1:])) + r'\.(?P<name>.+)\.weight$')
+    layouts = set()
+    for key in state_dict:
+        m = pattern.match(key)
+        if m and '.moe.' not in key:
+            layouts.add(m.group('name'))
+    for names in (['fc1', 'fc2'], mmcv_ffn_linear_names(len(layouts))):
+        if layouts == set(names):
+            return names
+    return None
+
+
+def fold_rmoe_to_dense(state_dict: StateDict,
+                       linear_names: Optional[Mapping[str, Sequence[str]]] = None
+                       ) -> Tuple[StateDict, List[str]]:
+    """Fold every RMoE layer into a dense FFN holding its mean expert (core + mean residual).
+
+    Router parameters are dropped.
+
+    Args:
+        state_dict (dict): an RMoE model's (or backbone's) state dict.
+        linear_names (Mapping[str, Sequence[str]], optional): for an RMoE layer (its key
+            prefix without the trailing dot, e.g. ``'backbone.stage2.blocks.1.mlp'``), the
+            names of the dense FFN's projections it replaced (``RMoEFFN.dense_linear_names``).
+            A layer not named here was an mmcv ``FFN``. Default: None.
+
+    Returns:
+        (the dense state dict, the RMoE layers folded, without the trailing dot)
+
+    Raises:
+        ValueError: ``linear_names`` gives a layer a number of projections its cores lack.
+    """
+    linear_names = dict(linear_names or {})
+    projections = rmoe_layer_prefixes(state_dict)
+    out = OrderedDict((k, v) for k, v in state_dict.items()
+                      if not any(k.startswith(f + 'moe.') for f in projections))
+    for ffn, count in projections.items():
+        names = linear_names.get(ffn[:-1]) or mmcv_ffn_linear_names(count)
+        if len(names) != count:
+            raise ValueError(f'RMoE layer {ffn[:-1]!r} has {count} core projections, but its '
+                             f'dense layout names {len(names)}: {list(names)}')
+        for (dw, db), (cw, cb) in zip(dense_ffn_keys(ffn, names), core_keys(ffn, count)):
+            for dense_key, core_key in ((dw, cw), (db, cb)):
+                residual_key = core_key.replace('.core_', '.residual_')
+                out[dense_key] = state_dict[core_key] + state_dict[residual_key].mean(0)
+    return out, sorted(f[:-1] for f in projections)
+
+
+# ------------------------------------------------------------------------------------- Swin
 
 def swin_layout(state_dict: StateDict) -> str:
     """'openmmlab' (mmseg/mmdet), 'official' (microsoft/Swin-Transformer) or 'timm'."""
@@ -75,82 +193,24 @@ def to_openmmlab_swin(state_dict: StateDict) -> Tuple[StateDict, str]:
     return state_dict, layout
 
 
-def dense_ffn_keys(ffn_prefix: str, num_fcs: int) -> List[Tuple[str, str]]:
-    """(weight key, bias key) of each projection of an mmcv ``FFN`` at ``ffn_prefix``."""
-    names = [f'layers.{i}.0' for i in range(num_fcs - 1)] + [f'layers.{num_fcs - 1}']
-    return [(f'{ffn_prefix}{n}.weight', f'{ffn_prefix}{n}.bias') for n in names]
+def is_swin_derived_buffer(key: str) -> bool:
+    """Whether ``key`` names a buffer Swin derives from its window size (see above)."""
+    return key.rsplit('.', 1)[-1] in SWIN_DERIVED_BUFFERS
 
 
-def core_keys(ffn_prefix: str, num_fcs: int) -> List[Tuple[str, str]]:
-    """(weight key, bias key) of each core projection of an ``RMoEFFN`` at ``ffn_prefix``."""
-    return [(f'{ffn_prefix}moe.experts.core_weights.{i}',
-             f'{ffn_prefix}moe.experts.core_biases.{i}') for i in range(num_fcs)]
+# -------------------------------------------------------------------------------------- CvT
+
+CVT_CLASSIFIER_PREFIXES = ('head.', 'norm.')
 
 
-def dense_ffn_to_core(state_dict: StateDict, ffn_prefix: str, num_fcs: int) -> bool:
-    """Rename a dense FFN's keys at ``ffn_prefix`` to RMoE core keys, in place.
+def cvt_backbone_state_dict(state_dict: StateDict) -> StateDict:
+    """The backbone tensors of an official CvT classifier or an mmseg/mmdet checkpoint.
 
-    Returns whether anything was renamed (nothing is when the keys are already RMoE ones).
+    The official keys (``stage{i}.blocks.{j}.mlp.fc1.weight``, ...) are the backbone's own;
+    the classifier's ``head.*`` and final ``norm.*`` are dropped. A full OpenMMLab model keeps
+    the backbone under ``backbone.``.
     """
-    renamed = False
-    for dense, core in zip(dense_ffn_keys(ffn_prefix, num_fcs), core_keys(ffn_prefix, num_fcs)):
-        for d, c in zip(dense, core):
-            if d in state_dict and c not in state_dict:
-                state_dict[c] = state_dict.pop(d)
-                renamed = True
-    return renamed
-
-
-def fold_rmoe_to_dense(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
-    """Fold every RMoE layer into a dense FFN holding its mean expert (core + mean residual).
-
-    Router parameters are dropped. Returns the new state dict and the FFN prefixes folded.
-    """
-    projections: Dict[str, int] = {}
-    for key in state_dict:
-        m = _CORE.match(key)
-        if m:
-            ffn = m.group('ffn') + '.'
-            projections[ffn] = max(projections.get(ffn, 0), int(m.group('i')) + 1)
-    out = OrderedDict((k, v) for k, v in state_dict.items()
-                      if not any(k.startswith(f + 'moe.') for f in projections))
-    for ffn, num_fcs in projections.items():
-        for (dw, db), (cw, cb) in zip(dense_ffn_keys(ffn, num_fcs), core_keys(ffn, num_fcs)):
-            for dense_key, core_key in ((dw, cw), (db, cb)):
-                residual_key = core_key.replace('.core_', '.residual_')
-                out[dense_key] = state_dict[core_key] + state_dict[residual_key].mean(0)
-    return out, sorted(projections)
-
-
-def dense_to_rmoe_checkpoint(in_path: str, backbone_cfg: dict, scope: str) -> Tuple[dict, str]:
-    """An RMoE checkpoint from a dense one, built as the RMoE config's backbone would load it.
-
-    The backbone named by ``backbone_cfg`` (an ``RMoESwinTransformer`` config) is built in
-    ``scope`` and initialised from ``in_path``: its cores are the dense FFNs, its routers and
-    residuals start as configured. Entries of a full segmentor/detector checkpoint outside
-    the backbone are kept as they are.
-
-    Returns:
-        (checkpoint with ``state_dict`` in the full-model layout, a summary of what changed)
-    """
-    from mmengine.config import ConfigDict
-    from mmengine.registry import DefaultScope, MODELS
-    checkpoint = load_checkpoint_file(in_path)
-    source = extract_state_dict(checkpoint)
-    cfg = ConfigDict(backbone_cfg)
-    cfg.init_cfg = ConfigDict(type='Pretrained', checkpoint=in_path)
-    with DefaultScope.overwrite_default_scope(scope):
-        backbone = MODELS.build(cfg)
-    backbone.init_weights()
-    state_dict = OrderedDict((k, v) for k, v in source.items()
-                             if not k.startswith(('backbone.', 'module.backbone.')))
-    if len(state_dict) == len(source):  # a bare backbone checkpoint
-        state_dict.clear()
-    state_dict.update((f'backbone.{k}', v) for k, v in backbone.state_dict().items())
-    from ..models import RMoEFFN
-    layers = [n for n, m in backbone.named_modules() if isinstance(m, RMoEFFN)]
-    summary = (f'{len(layers)} FFNs became RMoE layers ({backbone_cfg["moe_cfg"]}): '
-               + ', '.join(f'backbone.{n}' for n in layers))
-    meta = dict(checkpoint.get('meta', {}) if isinstance(checkpoint.get('meta'), dict) else {})
-    meta['rmoe_conversion'] = dict(source=os.path.abspath(in_path), moe_layers=layers)
-    return dict(state_dict=state_dict, meta=meta), summary
+    if any(k.startswith(('backbone.', 'module.backbone.')) for k in state_dict):
+        return backbone_state_dict(state_dict)
+    return OrderedDict((k, v) for k, v in state_dict.items()
+                       if not k.startswith(CVT_CLASSIFIER_PREFIXES))

@@ -11,8 +11,14 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..engine.convert import dense_ffn_to_core
+from ..engine.convert import core_keys, dense_ffn_to_core, mmcv_ffn_linear_names
 from ..moe import MoEFeedForward
+from .dense_ffn import DenseFFN, describe_dense_ffn
+
+# from_dense: arguments that carry no weights replace the dense FFN's; the widths must be the
+# dense FFN's; the activation and LayerScale are the dense FFN's, so giving them is refused.
+OVERRIDABLE_FFN_ARGS = ('ffn_drop', 'dropout_layer', 'add_identity', 'init_cfg')
+DENSE_BOUND_FFN_ARGS = ('act_cfg', 'layer_scale_init_value')
 
 
 @MODELS.register_module()
@@ -21,8 +27,10 @@ class RMoEFFN(BaseModule):
 
     Every expert is the shared core (a dense FFN's weights) plus its own residual. The first
     nine arguments are mmcv ``FFN``'s and mean the same; the rest configure the experts, the
-    router and the balance losses (see :class:`rmoe_plugin.moe.MoEFeedForward`). Registered in
-    mmengine's root ``MODELS``, so configs built in the mmseg and mmdet scopes find it.
+    router and the balance losses (see :class:`rmoe_plugin.moe.MoEFeedForward`). The weights
+    of a dense mmcv ``FFN`` (or, after :meth:`from_dense`, of the FFN it replaced) load into
+    the core. Registered in mmengine's root ``MODELS``, so configs built in the mmseg and mmdet
+    scopes find it.
 
     Args:
         embed_dims (int): token width. Default: 256.
@@ -73,6 +81,13 @@ class RMoEFFN(BaseModule):
         self.add_identity = add_identity
         self.gamma2 = (LayerScale(embed_dims, scale=layer_scale_init_value)
                        if layer_scale_init_value > 0 else nn.Identity())
+        # The names of the dense projections this layer takes the place of: dense checkpoints
+        # load into the core through them, and convert_rmoe_to_dense writes them back.
+        self.dense_linear_names = mmcv_ffn_linear_names(num_fcs)
+        self.loaded_from: Optional[str] = None  # 'dense' or 'rmoe' weights, by the last load
+        # A weightless copy of a non-mmcv dense FFN, for to_dense(); outside _modules, so it
+        # is in no state dict and never moves.
+        object.__setattr__(self, 'dense_template', None)
 
     def forward(self, x: torch.Tensor, identity: Optional[torch.Tensor] = None) -> torch.Tensor:
         out = self.gamma2(self.moe(x))
@@ -85,7 +100,10 @@ class RMoEFFN(BaseModule):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dense FFN's weights, wherever they come from (a dense checkpoint through
         # ``init_cfg``, ``load_from``, ``load_state_dict``), become the experts' core.
-        dense_ffn_to_core(state_dict, prefix, self.num_fcs)
+        if dense_ffn_to_core(state_dict, prefix, self.dense_linear_names):
+            self.loaded_from = 'dense'
+        elif core_keys(prefix, self.num_fcs)[0][0] in state_dict:
+            self.loaded_from = 'rmoe'
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
@@ -93,49 +111,82 @@ class RMoEFFN(BaseModule):
         return self.moe.num_experts
 
     @classmethod
-    def from_dense(cls, ffn: FFN, **moe_args) -> 'RMoEFFN':
+    def from_dense(cls, ffn: nn.Module, name: str = 'ffn', **args) -> 'RMoEFFN':
         """Build an RMoE layer whose core is ``ffn``'s weights, on ``ffn``'s device and dtype.
 
-        With ``top_k=1``, the straight-through gate, no router noise and zero residual noise,
-        the new layer returns exactly what ``ffn`` returns for every token not dropped (all of
-        them in dropless mode). Activation, dropouts, identity and LayerScale are ``ffn``'s.
+        ``ffn`` is an mmcv ``FFN`` or an ``fc1``/``act``/``fc2`` MLP (timm's ``Mlp``, CvT's);
+        the new layer is called as ``ffn`` was. With ``top_k=1``, the straight-through gate,
+        no router noise and zero residual noise, it returns exactly what ``ffn`` returns for
+        every token not dropped (all of them in dropless mode). Activation, dropouts,
+        identity and LayerScale are ``ffn``'s.
+
+        Args:
+            ffn (nn.Module): the dense FFN.
+            name (str): its module path, for error messages. Default: 'ffn'.
+            **args: ``RMoEFFN`` arguments. ``ffn_drop``, ``dropout_layer``, ``add_identity``
+                and ``init_cfg`` replace ``ffn``'s; ``embed_dims``, ``feedforward_channels``
+                and ``num_fcs`` must be ``ffn``'s; ``act_cfg`` and
+                ``layer_scale_init_value`` are refused (``ffn``'s own are kept); the rest
+                configure the experts and the router.
 
         Raises:
-            ValueError: ``moe_args`` name widths other than ``ffn``'s, or ``ffn`` is no FFN.
+            ValueError: ``ffn`` is no FFN RMoE can take over, or an argument contradicts it.
         """
-        if not isinstance(ffn, FFN):
-            raise ValueError(f'from_dense expects an mmcv FFN, got {type(ffn).__name__}')
-        widths = dict(embed_dims=ffn.embed_dims, feedforward_channels=ffn.feedforward_channels,
-                      num_fcs=ffn.num_fcs)
-        for name, value in widths.items():
-            if moe_args.pop(name, value) != value:
-                raise ValueError(f'{name}={value!r} of the dense FFN does not match the '
-                                 f'requested value')
-        hidden = list(ffn.layers[:-2])  # (Linear, activation, Dropout) each
-        last = ffn.layers[-2]
-        layer = cls(**widths, ffn_drop=hidden[0][2].p, add_identity=ffn.add_identity,
-                    **moe_args)
-        activation = hidden[0][1]
+        dense = describe_dense_ffn(ffn, name)
+        args = _check_ffn_args(dense, args)
+        keep_dropout_layer = 'dropout_layer' not in args
+        layer = cls(embed_dims=dense.embed_dims,
+                    feedforward_channels=dense.feedforward_channels, num_fcs=dense.num_fcs,
+                    ffn_drop=args.pop('ffn_drop', dense.dropout),
+                    add_identity=args.pop('add_identity', dense.add_identity),
+                    **args)
         layer.moe.experts.activations = nn.ModuleList(
-            copy.deepcopy(activation) for _ in hidden)
-        layer.dropout_layer = copy.deepcopy(ffn.dropout_layer)
-        layer.gamma2 = copy.deepcopy(ffn.gamma2)
-        layer.moe.experts.load_core([h[0].weight for h in hidden] + [last.weight],
-                                    [h[0].bias for h in hidden] + [last.bias])
-        return layer.to(device=last.weight.device, dtype=last.weight.dtype)
+            copy.deepcopy(dense.activation) for _ in dense.linears[:-1])
+        if keep_dropout_layer and dense.dropout_layer is not None:
+            layer.dropout_layer = copy.deepcopy(dense.dropout_layer)
+        if dense.layer_scale is not None:
+            layer.gamma2 = copy.deepcopy(dense.layer_scale)
+        layer.moe.experts.load_core([lin.weight for lin in dense.linears],
+                                    [lin.bias for lin in dense.linears])
+        layer.dense_linear_names = list(dense.linear_names)
+        if not dense.is_mmcv:
+            object.__setattr__(layer, 'dense_template', copy.deepcopy(ffn).to('meta'))
+        weight = dense.linears[-1].weight
+        return layer.to(device=weight.device, dtype=weight.dtype)
 
-    def to_dense(self) -> FFN:
-        """A dense mmcv ``FFN`` holding the mean expert (core + mean residual)."""
-        ffn = FFN(self.embed_dims, self.feedforward_channels, self.num_fcs,
-                  ffn_drop=self.moe.experts.dropout.p, add_identity=self.add_identity)
-        linears = [s[0] for s in ffn.layers[:-2]] + [ffn.layers[-2]]
-        for i, act in enumerate(self.moe.experts.activations):
-            ffn.layers[i][1] = copy.deepcopy(act)
-        ffn.dropout_layer = copy.deepcopy(self.dropout_layer)
-        ffn.gamma2 = copy.deepcopy(self.gamma2)
+    def to_dense(self) -> nn.Module:
+        """A dense FFN of the form this layer replaced, holding the mean expert
+        (core + mean residual): an mmcv ``FFN``, or a copy of the MLP given to
+        :meth:`from_dense`."""
         weights, biases = self.moe.experts.mean_expert()
+        if self.dense_template is not None:
+            dense = copy.deepcopy(self.dense_template).to_empty(device=weights[0].device)
+            linears = [dense.get_submodule(n) for n in self.dense_linear_names]
+        else:
+            dense = FFN(self.embed_dims, self.feedforward_channels, self.num_fcs,
+                        ffn_drop=self.moe.experts.dropout.p, add_identity=self.add_identity)
+            linears = [s[0] for s in dense.layers[:-2]] + [dense.layers[-2]]
+            for i, act in enumerate(self.moe.experts.activations):
+                dense.layers[i][1] = copy.deepcopy(act)
+            dense.dropout_layer = copy.deepcopy(self.dropout_layer)
+            dense.gamma2 = copy.deepcopy(self.gamma2)
         with torch.no_grad():
             for linear, w, b in zip(linears, weights, biases):
                 linear.weight.copy_(w)
                 linear.bias.copy_(b)
-        return ffn.to(device=weights[0].device, dtype=weights[0].dtype)
+        return dense.to(device=weights[0].device, dtype=weights[0].dtype)
+
+
+def _check_ffn_args(dense: DenseFFN, args: dict) -> dict:
+    """``args`` without the widths, once they agree with ``dense`` (see from_dense)."""
+    args = dict(args)
+    for name in ('embed_dims', 'feedforward_channels', 'num_fcs'):
+        if name in args and args.pop(name) != getattr(dense, name):
+            raise ValueError(f'{name}={getattr(dense, name)!r} of the dense FFN does not match '
+                             'the requested value; the core needs the dense widths')
+    refused = [name for name in DENSE_BOUND_FFN_ARGS if name in args]
+    if refused:
+        raise ValueError(f'from_dense keeps the dense FFN\'s activation and LayerScale; '
+                         f'remove {refused} (the arguments it takes over are '
+                         f'{list(OVERRIDABLE_FFN_ARGS)})')
+    return args

@@ -1,4 +1,4 @@
-"""Segmentors and detectors whose loss dict carries the MoE balance losses.
+"""Segmentors, detectors and a classifier whose loss dict carries the MoE balance losses.
 
 ``rmoe_model(cls)`` subclasses any mmseg segmentor or mmdet detector: its ``loss`` returns the
 upstream task losses plus :func:`collect_moe_losses`. Nothing else changes: checkpoint keys,
@@ -34,17 +34,9 @@ RMoEMaskRCNN = MMDET_MODELS.register_module(module=rmoe_model(MaskRCNN))
 RMoECascadeRCNN = MMDET_MODELS.register_module(module=rmoe_model(CascadeRCNN))
 
 try:  # mmpretrain is optional: it runs the upstream (classification) stages
-    from mmpretrain.models import GlobalAveragePooling, ImageClassifier
+    from mmpretrain.models import ImageClassifier
     from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
 except ImportError:
     RMoEImageClassifier = None
 else:
     RMoEImageClassifier = MMPRETRAIN_MODELS.register_module(module=rmoe_model(ImageClassifier))
-
-    @MMPRETRAIN_MODELS.register_module()
-    class ListGlobalAveragePooling(GlobalAveragePooling):
-        """mmpretrain's ``GlobalAveragePooling`` for backbones that return a list of maps
-        (mmseg's and mmdet's Swin), so their checkpoints need no conversion downstream."""
-
-        def forward(self, inputs):
-            return super().forward(tuple(inputs) if isinstance(inputs, list) else inputs)
