@@ -1,5 +1,8 @@
-"""Choose which Swin blocks become MoE by a first-order estimate of what splitting each FFN
-into experts gains (the variance of per-image gradients of its weights), on a few batches.
+"""Choose which blocks become MoE by a first-order estimate of what splitting each FFN into
+experts gains (the variance of per-image gradients of its weights), on a few batches.
+
+Any RMoE backbone (RMoESwinTransformer, RMoECvT, RMoEBackbone over BEiT, ViT, timm, ...) or a
+dense one: the FFNs are scored dense, in the block lists ``moe_blocks`` counts.
 
 Writes a config that inherits CONFIG and sets ``model.backbone.moe_blocks``:
 
@@ -17,12 +20,12 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import rmoe_plugin  # noqa: F401
-from rmoe_plugin.pipeline.select import choose_blocks, score_model
+from rmoe_plugin.pipeline.select import block_list_depths, choose_blocks, score_model
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('config', help='a segmentation or detection config with a Swin backbone')
+    p.add_argument('config', help='a segmentation or detection config')
     p.add_argument('--checkpoint', help='dense weights to score (default: the config init)')
     p.add_argument('--num-blocks', type=int, default=4)
     p.add_argument('--max-images', type=int, default=16)
@@ -35,7 +38,7 @@ def build_dense(cfg, checkpoint):
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     registry = __import__(f'{cfg.default_scope}.registry', fromlist=['MODELS']).MODELS
     backbone = cfg.model.backbone
-    if 'moe_cfg' in backbone:  # score the dense FFNs of the same Swin
+    if 'moe_cfg' in backbone or 'moe_blocks' in backbone:  # score the same FFNs dense
         backbone.moe_blocks = 'none'
     if checkpoint:
         backbone.init_cfg = dict(type='Pretrained', checkpoint=checkpoint)
@@ -47,9 +50,9 @@ def build_dense(cfg, checkpoint):
 def write_config(path, base, moe_blocks, scores, images):
     rel = os.path.relpath(os.path.abspath(base), os.path.dirname(os.path.abspath(path)))
     lines = [f'# Written by tools/select_moe_blocks.py on {images} images. Score of each',
-             '# (stage, block): variance of per-image FFN gradients, the first-order loss',
-             '# decrease splitting it into experts could buy.']
-    lines += [f'#   stage {s} block {b}: {v:.4g}' for (s, b), v in
+             '# (block list, block): variance of per-image FFN gradients, the first-order',
+             '# loss decrease splitting it into experts could buy.']
+    lines += [f'#   list {s} block {b}: {v:.4g}' for (s, b), v in
               sorted(scores.items(), key=lambda kv: -kv[1])]
     lines += [f"_base_ = ['{rel}']", f'model = dict(backbone=dict(moe_blocks={moe_blocks!r}))',
               '']
@@ -70,13 +73,13 @@ def main():
     model = build_dense(cfg, args.checkpoint)
     loader = Runner.build_dataloader(cfg.train_dataloader)
     scores = score_model(model, loader, args.max_images)
-    depths = [len(stage.blocks) for stage in model.backbone.stages]
+    depths = block_list_depths(model.backbone)
     try:
         moe_blocks = choose_blocks(scores, args.num_blocks, depths)
     except ValueError as e:
         sys.exit(f'error: --num-blocks: {e}')
     for (s, b), v in sorted(scores.items(), key=lambda kv: -kv[1]):
-        print(f'stage {s} block {b}: {v:.4g}')
+        print(f'list {s} block {b}: {v:.4g}')
     write_config(args.out, args.config, moe_blocks, scores, args.max_images)
     print(f'moe_blocks = {moe_blocks}\nwrote {args.out}')
 

@@ -1,8 +1,11 @@
 """Which expert each image patch goes to: per-token top-1 assignments drawn over the image.
 
 A Swin stage s sees the (padded) network input as a grid of ``ceil(H / 2^(s+2)) x
-ceil(W / 2^(s+2))`` tokens (4x4 patches, halved by each patch merging). The grid of a layer is
-recovered from its token count and the input's size, so no knowledge of the backbone is needed.
+ceil(W / 2^(s+2))`` tokens (4x4 patches, halved by each patch merging); a ViT or BEiT one of
+``ceil(H / 16) x ceil(W / 16)`` patches after a cls token, CvT's last stage likewise. The grid
+of a layer is recovered from its token count and the input's size, so no knowledge of the
+backbone is needed; leading tokens that belong to no patch (cls and register tokens) are left
+out of the map.
 """
 import math
 import os
@@ -56,6 +59,21 @@ def token_grid(num_tokens: int, input_hw: Tuple[int, int]) -> Grid:
     return rows, cols, None
 
 
+MAX_PREFIX_TOKENS = 8
+
+
+def prefix_tokens(num_tokens: int, input_hw: Tuple[int, int]) -> int:
+    """How many leading tokens (cls, registers) precede the patch grid of ``num_tokens``.
+
+    The fewest, 0 to ``MAX_PREFIX_TOKENS``, after which the rest form a power-of-two stride
+    grid of the input (see :func:`token_grid`); 0 when none does.
+    """
+    for prefix in range(min(MAX_PREFIX_TOKENS, num_tokens - 1) + 1):
+        if token_grid(num_tokens - prefix, input_hw)[2] is not None:
+            return prefix
+    return 0
+
+
 def nearest_resize(labels: np.ndarray, out_hw: Tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of an integer map (no interpolation between expert ids)."""
     rows = np.minimum((np.arange(out_hw[0]) + 0.5) * labels.shape[0] / out_hw[0],
@@ -70,7 +88,8 @@ def assignment_map(expert_index: torch.Tensor, input_hw: Tuple[int, int],
     """Per-pixel expert id of one image, from the per-token ids of one MoE layer.
 
     Args:
-        expert_index (Tensor): top-1 expert of each token of the image, shape (S,).
+        expert_index (Tensor): top-1 expert of each token of the image, shape (S,); leading
+            tokens outside the patch grid (a cls token) are left out.
         input_hw (tuple[int, int]): size of the network input (padding included).
         valid_hw (tuple[int, int]): the image's part of the input (top-left), before padding.
         out_hw (tuple[int, int]): size of the returned map (the original image's).
@@ -78,6 +97,7 @@ def assignment_map(expert_index: torch.Tensor, input_hw: Tuple[int, int],
     Returns:
         np.ndarray: int map of shape ``out_hw``.
     """
+    expert_index = expert_index[prefix_tokens(expert_index.numel(), input_hw):]
     rows, cols, stride = token_grid(expert_index.numel(), input_hw)
     grid = expert_index.reshape(rows, cols).cpu().numpy()
     if stride is not None:  # token (i, j) covers input pixels [i*s, (i+1)*s) x [j*s, (j+1)*s)
@@ -120,6 +140,7 @@ def image_assignments(model: nn.Module, pipeline: Compose, image: str,
     for name, layer in layers.items():
         index = layer.last_stats['expert_index']
         maps[name] = assignment_map(index, input_hw, valid_hw, out_hw)
+        index = index[prefix_tokens(index.numel(), input_hw):]
         counts[name] = np.bincount(index.cpu().numpy(), minlength=layer.num_experts)
     return maps, counts
 

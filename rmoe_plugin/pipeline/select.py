@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..backbones.moe_conversion import find_ffns, group_sites
+
 BlockId = Tuple[int, int]
 
 
@@ -38,11 +40,19 @@ def gradient_variance(sample_losses: Callable[[int], torch.Tensor], num_samples:
             for j, key in enumerate(groups)}
 
 
-def swin_ffn_groups(backbone: nn.Module) -> Dict[BlockId, List[nn.Parameter]]:
-    """The FFN parameters of every block of an OpenMMLab Swin, keyed by (stage, block)."""
-    return {(s, b): list(block.ffn.parameters())
-            for s, stage in enumerate(backbone.stages)
-            for b, block in enumerate(stage.blocks)}
+def ffn_groups(backbone: nn.Module) -> Dict[BlockId, List[nn.Parameter]]:
+    """The parameters of every FFN of ``backbone``, keyed by (block list, block) as
+    ``moe_blocks`` counts them (a Swin or CvT stage, the layers of a ViT)."""
+    sites = [site for site, _ in find_ffns(backbone)]
+    lists = list(group_sites(sites))
+    return {(lists.index(site.group), site.index):
+            list(backbone.get_submodule(site.path).parameters()) for site in sites}
+
+
+def block_list_depths(backbone: nn.Module) -> List[int]:
+    """Blocks per block list of ``backbone`` (the lengths ``moe_blocks`` refers to)."""
+    return [max(s.index for s in group) + 1
+            for group in group_sites([site for site, _ in find_ffns(backbone)]).values()]
 
 
 def choose_blocks(scores: Dict[BlockId, float], num_blocks: int,
@@ -55,7 +65,7 @@ def choose_blocks(scores: Dict[BlockId, float], num_blocks: int,
 
 
 def score_model(model: nn.Module, batches, max_samples: int) -> Dict[BlockId, float]:
-    """Score every Swin FFN of a segmentor/detector on up to ``max_samples`` images.
+    """Score every FFN of a segmentor's/detector's backbone on up to ``max_samples`` images.
 
     ``batches`` yields dataloader batches; each image's task loss (no MoE loss) is one sample.
     SyncBN layers must have been reverted to BN (``revert_sync_batchnorm``).
@@ -78,4 +88,4 @@ def score_model(model: nn.Module, batches, max_samples: int) -> Dict[BlockId, fl
         return sum(v for k, v in losses.items() if 'loss' in k and not k.startswith('loss_moe')
                    for v in ([v] if isinstance(v, torch.Tensor) else v))
 
-    return gradient_variance(sample_loss, len(samples), swin_ffn_groups(model.backbone))
+    return gradient_variance(sample_loss, len(samples), ffn_groups(model.backbone))
