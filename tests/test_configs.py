@@ -7,15 +7,39 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 from rmoe_plugin import RMoEFFN, collect_moe_losses
+from rmoe_plugin.backbones import RMoEBackboneMixin
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '**', '*.py'), recursive=True))
+BEIT_L = 'rmoe-beit-large-e8_upernet_8xb1-amp-160k_ade20k-640x640.py'
+# RMoE-BEiT-L is 1247M parameters (6 GB, half a minute to build here): its structure is built
+# with 4 layers of width 64.
+SHRUNK = {BEIT_L: dict(model=dict(
+    backbone=dict(embed_dims=64, num_heads=4, num_layers=4, out_indices=[0, 1, 2, 3]),
+    neck=dict(embed_dim=64), decode_head=dict(in_channels=[64] * 4, channels=64),
+    auxiliary_head=dict(in_channels=64)))}
+RMOE_OF_DENSE = [  # (RMoE config, its dense config, the tiny RMoE config of the tests)
+    ('configs/ade20k/rmoe-cvt-13-e8_upernet_8xb2-160k_ade20k-512x512.py',
+     'configs/ade20k/cvt-13_upernet_8xb2-160k_ade20k-512x512.py',
+     'tests/configs/tiny_rmoe_cvt_upernet_ade20k.py'),
+    ('configs/coco/mask-rcnn_rmoe-cvt-13-e8_fpn_1x_coco.py',
+     'configs/coco/mask-rcnn_cvt-13_fpn_1x_coco.py',
+     'tests/configs/tiny_rmoe_cvt_mask-rcnn_coco.py'),
+]
+
+
+def is_dense(path):
+    return 'rmoe' not in os.path.basename(path)
 
 
 def test_there_are_configs_for_both_datasets():
     names = [os.path.relpath(c, ROOT) for c in CONFIGS]
     assert sum(n.startswith('configs/ade20k/rmoe-swin-') for n in names) == 4
-    assert sum(n.startswith('configs/coco/') for n in names) == 6
+    assert {n for n in names if n.startswith('configs/ade20k/') and 'swin' not in n} == {
+        'configs/ade20k/cvt-13_upernet_8xb2-160k_ade20k-512x512.py',
+        'configs/ade20k/rmoe-cvt-13-e8_upernet_8xb2-160k_ade20k-512x512.py',
+        f'configs/ade20k/{BEIT_L}'}
+    assert sum(n.startswith('configs/coco/') for n in names) == 8
     assert sum('ablations' in n for n in names) >= 10
     assert sum(n.startswith('configs/pipeline/') for n in names) == 4
 
@@ -23,15 +47,42 @@ def test_there_are_configs_for_both_datasets():
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_builds(path):
     cfg = Config.fromfile(path)
+    cfg.merge_from_dict(SHRUNK.get(os.path.basename(path), {}))
     init_default_scope(cfg.default_scope)
     registry = __import__(f'{cfg.default_scope}.registry', fromlist=['MODELS']).MODELS
     model = registry.build(cfg.model)
     layers = [m for m in model.modules() if isinstance(m, RMoEFFN)]
-    if '_dense_' in os.path.basename(path):  # the dense halves of the pipeline configs
+    if is_dense(path):  # the dense CvT configs and the dense halves of the pipelines
         assert not layers
         return
     assert type(model).__name__.startswith('RMoE')
-    assert type(model.backbone).__name__.startswith('RMoESwinTransformer')
+    assert isinstance(model.backbone, RMoEBackboneMixin)
+    assert type(model.backbone).__name__.startswith('RMoE')
     expected = cfg.model.backbone.moe_cfg.get('num_experts', 8)
     assert layers and all(layer.num_experts == expected for layer in layers)
     assert collect_moe_losses(model) == {}
+
+
+def rmoe_part(cfg):
+    return dict(model=cfg.model.type, backbone=cfg.model.backbone.type,
+                moe_cfg=cfg.model.backbone.moe_cfg,
+                router=cfg.optim_wrapper.paramwise_cfg.custom_keys.router)
+
+
+@pytest.mark.parametrize('rmoe, dense, tiny', RMOE_OF_DENSE, ids=['upernet', 'mask-rcnn'])
+def test_rmoe_cvt_configs_are_their_dense_recipe_plus_the_rmoe_lines(rmoe, dense, tiny):
+    rmoe_cfg, dense_cfg = (Config.fromfile(os.path.join(ROOT, p)) for p in (rmoe, dense))
+    assert dense_cfg.model.backbone.type == 'CvT'
+    assert rmoe_cfg.model.backbone.arch == 'cvt-13' and 'moe_cfg' not in dense_cfg.model.backbone
+    for cfg in (rmoe_cfg, dense_cfg):
+        cfg.model.pop('type')
+        cfg.model.backbone.pop('type')
+        cfg.model.backbone.pop('moe_cfg', None)
+        cfg.optim_wrapper.paramwise_cfg.custom_keys.pop('router', None)
+    assert rmoe_cfg.to_dict() == dense_cfg.to_dict()
+    shipped = rmoe_part(Config.fromfile(os.path.join(ROOT, rmoe)))
+    tested = rmoe_part(Config.fromfile(os.path.join(ROOT, tiny)))
+    assert tested['moe_cfg'].pop('num_experts') == 4
+    shipped['moe_cfg'].pop('num_experts')
+    assert tested == shipped
+
