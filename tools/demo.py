@@ -15,6 +15,7 @@ import torch
 
 import rmoe_plugin  # noqa: F401
 from rmoe_plugin.datasets import make_ade20k, make_imagenet
+from rmoe_plugin.fileio import atomic_write
 from rmoe_plugin.pipeline import (load_runs, make_pipelines, markdown_table, plot, run_pipeline,
                                   summarise)
 
@@ -87,7 +88,7 @@ def main():
             f'stage a pipeline needs (the shared dense upstream counts in each).\n\n'
             f'{table}\n\n'
             '![accuracy against cost](pipelines.png)\n')
-    with open(os.path.join(args.work_dir, 'report.md'), 'w') as f:
+    with atomic_write(os.path.join(args.work_dir, 'report.md')) as f:
         f.write(text)
     print('\n' + table)
     print(f'\nwrote {args.work_dir}/report.md and pipelines.png')

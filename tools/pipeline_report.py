@@ -7,6 +7,7 @@ Prints a markdown table and writes report.md and pipelines.png into the same fol
 import argparse
 import os
 
+from rmoe_plugin.fileio import atomic_write
 from rmoe_plugin.pipeline import load_runs, markdown_table, plot, summarise
 
 
@@ -23,7 +24,7 @@ def main():
     table = markdown_table(rows, args.metric)
     print(table)
     plot(rows, args.metric, os.path.join(args.root, 'pipelines.png'))
-    with open(os.path.join(args.root, 'report.md'), 'w') as f:
+    with atomic_write(os.path.join(args.root, 'report.md')) as f:
         f.write('# RMoE pipelines\n\n' + table + '\n\n![accuracy against cost](pipelines.png)\n')
     print(f'wrote {args.root}/report.md and pipelines.png')
 

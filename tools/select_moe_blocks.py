@@ -20,6 +20,7 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import rmoe_plugin  # noqa: F401
+from rmoe_plugin.fileio import atomic_write
 from rmoe_plugin.pipeline.select import block_list_depths, choose_blocks, score_model
 
 
@@ -56,10 +57,8 @@ def write_config(path, base, moe_blocks, scores, images):
               sorted(scores.items(), key=lambda kv: -kv[1])]
     lines += [f"_base_ = ['{rel}']", f'model = dict(backbone=dict(moe_blocks={moe_blocks!r}))',
               '']
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_write(path) as f:
         f.write('\n'.join(lines))
-    os.replace(tmp, path)
 
 
 def main():

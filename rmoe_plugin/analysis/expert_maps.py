@@ -17,6 +17,7 @@ from mmengine.config import Config
 from mmengine.dataset import Compose
 from torch import nn
 
+from ..fileio import atomic_write
 from ..moe import MoEFeedForward
 
 Grid = Tuple[int, int, Optional[int]]
@@ -203,7 +204,8 @@ def plot_expert_maps(images: Sequence[str], maps: List[Dict[str, np.ndarray]],
     fig.legend(handles=handles, loc='lower center', ncol=min(num_experts, 8), fontsize=7,
                frameon=False)
     fig.tight_layout(rect=(0, legend / height, 1, 1))
-    fig.savefig(path, dpi=80)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
 
 
@@ -233,7 +235,8 @@ def plot_expert_load(load: Dict[str, np.ndarray], path: str) -> None:
     for ax in list(axes.flat)[len(load):]:
         ax.axis('off')
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
 
 

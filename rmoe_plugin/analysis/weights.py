@@ -16,6 +16,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
+
 StateDict = Dict[str, torch.Tensor]
 _CORE0 = re.compile(r'^(?P<layer>.+)\.moe\.experts\.core_weights\.0$')
 _KINDS = ('core_weights', 'core_biases', 'residual_weights', 'residual_biases')
@@ -156,7 +158,8 @@ def plot_residual_norms(results: Dict[str, dict], path: str) -> None:
         ax.set_xticks(range(r['num_experts']))
         ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
 
 
@@ -175,7 +178,8 @@ def plot_distances(results: Dict[str, dict], path: str) -> None:
         cbar.ax.tick_params(labelsize=7)
         cbar.set_label('||W_e - W_f|| / ||C||', fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
 
 
@@ -197,7 +201,8 @@ def plot_pca(results: Dict[str, dict], path: str) -> None:
         ax.tick_params(labelsize=6)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=80)
     plt.close(fig)
 
 
@@ -208,7 +213,7 @@ def write_analysis(results: Dict[str, dict], out_dir: str) -> Dict[str, str]:
         dict: kind to written path (``json``, ``residual_norms``, ``distances``, ``pca``).
     """
     paths = {kind: os.path.join(out_dir, name) for kind, name in OUTPUT_FILES.items()}
-    with open(paths['json'], 'w') as f:
+    with atomic_write(paths['json']) as f:
         json.dump(results, f, indent=1)
     plot_residual_norms(results, paths['residual_norms'])
     plot_distances(results, paths['distances'])

@@ -9,6 +9,8 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 
+from ..fileio import atomic_write
+
 # A backward pass costs about twice its forward (two matmuls per forward matmul).
 TRAIN_FLOPS_PER_FORWARD_FLOP = 3
 
@@ -98,7 +100,5 @@ class CostHook(Hook):
                       iters=self._iters, flops_per_iter=self._flops_per_iter,
                       train_flops=(self._flops_per_iter or 0) * self._iters)
         if runner.rank == 0:
-            tmp = self._path(runner) + '.tmp'
-            with open(tmp, 'w') as f:
+            with atomic_write(self._path(runner)) as f:
                 json.dump(record, f, indent=2)
-            os.replace(tmp, self._path(runner))

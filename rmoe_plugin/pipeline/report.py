@@ -6,6 +6,8 @@ import statistics
 from collections import defaultdict
 from typing import Dict, List
 
+from ..fileio import atomic_write
+
 ORDER = ('dense', 'rmoe_d', 'rmoe_i', 'moe')
 LABELS = dict(dense='dense (lower bound)', rmoe_d='RMoE-D', rmoe_i='RMoE-I',
               moe='MoE (upper bound)')
@@ -91,7 +93,6 @@ def plot(rows: List[dict], metric: str, path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + '.tmp.png'
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -16,6 +16,8 @@ from typing import Dict, List, Optional
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from ..fileio import atomic_write
+
 
 @dataclass
 class Stage:
@@ -101,10 +103,8 @@ def run_stage(stage: Stage, work_dir: str, init_checkpoint: Optional[str], seed:
         cost = json.load(f)
     result = StageResult(stage.name, stage.config, work_dir,
                          os.path.join(work_dir, f'iter_{stage.max_iters}.pth'), cost, metrics)
-    tmp = done + '.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_write(done) as f:
         json.dump(asdict(result), f, indent=2)
-    os.replace(tmp, done)
     return result
 
 
@@ -125,7 +125,6 @@ def run_pipeline(name: str, stages: List[Stage], root: str, seed: int,
     record = dict(pipeline=name, seed=seed,
                   stages=[asdict(results[s.name]) for s in stages])
     path = os.path.join(root, f'seed{seed}', f'{name}.json')
-    with open(path + '.tmp', 'w') as f:
+    with atomic_write(path) as f:
         json.dump(record, f, indent=2)
-    os.replace(path + '.tmp', path)
     return record
