@@ -25,10 +25,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 from mmengine.registry import MODELS, DefaultScope
-import torch
 from torch import nn
 
 from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
