@@ -217,3 +217,21 @@ def test_dense_equivalent_flops_are_those_of_the_dense_model():
     assert report['dense_equivalent'] < report['activated'] < report['executed_train']
     assert report['executed_eval'] == report['activated']  # dropless in evaluation
     assert report['params_activated'] < report['params']
+
+
+def test_the_analysis_tools_read_a_checkpoint_by_url(checkpoints, tmp_path, monkeypatch, capsys):
+    from test_checkpoint_urls import CheckpointServer
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    server = CheckpointServer()
+    try:
+        url = server.serve('rmoe.pth', torch.load(checkpoints['ade20k']))
+        load_tool('analyze_experts').main([url, '--out', str(tmp_path / 'analysis')])
+        assert LAYERS[1] in capsys.readouterr().out
+        model, _ = build_from_config(CONFIGS['ade20k'], url)  # what visualize_experts loads
+        assert server.requests == ['/rmoe.pth']  # the second load: from the cache
+        want = torch.load(checkpoints['ade20k'])['state_dict']
+        assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+        with pytest.raises(SystemExit, match='could not be downloaded: HTTP 404'):
+            load_tool('analyze_experts').main([server.url('x.pth'), '--out', str(tmp_path / 'b')])
+    finally:
+        server.close()

@@ -57,7 +57,7 @@ def build_from_config(config: str, checkpoint: Optional[str] = None,
     cfg = load_config(config, cfg_options)
     model = MODELS.build(cfg.model)
     if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
+        if '://' not in checkpoint and not os.path.isfile(checkpoint):  # URIs: on loading
             raise FileNotFoundError(f'checkpoint {checkpoint!r} does not exist')
         loaded = load_checkpoint(model, checkpoint, map_location='cpu', strict=False,
                                  logger='current')
