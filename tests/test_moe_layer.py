@@ -221,3 +221,25 @@ def test_an_empty_batch_of_tokens_passes_through(top_k, backend):
     out = layer(torch.randn(2, 0, 8))
     assert out.shape == (2, 0, 8)
     assert layer.last_losses['loss_moe_importance'].item() == 0
+
+
+def test_a_layer_copies_after_a_training_forward_without_its_last_losses():
+    import copy
+    layer = make_layer()
+    layer(torch.randn(6, 8)).sum().backward()
+    twin = copy.deepcopy(layer)
+    assert twin.last_losses == {} and twin.last_stats == {} and layer.last_losses
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(twin(x), layer(x))
+
+
+@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
+def test_a_jit_trace_records_the_expert_matmuls(backend):
+    # FLOP counters (mmengine's, mmdet's get_flops) count the ops a trace records
+    layer = make_layer(capacity_factor=None, expert_backend=backend).eval()
+    x = torch.randn(12, 8)
+    graph, _ = torch.jit._get_trace_graph(layer, (x,))
+    kinds = [node.kind() for node in graph.nodes()]
+    assert kinds.count('aten::linear') == 1 + 2 * 4  # the router, 2 projections x 4 experts
+    assert 'prim::PythonOp' not in kinds
+    torch.testing.assert_close(torch.jit.trace(layer, x, check_trace=False)(x), layer(x))

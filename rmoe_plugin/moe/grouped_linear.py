@@ -17,6 +17,7 @@ Two kernels compute the same thing:
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ('auto', 'grouped_mm', 'loop')
@@ -130,6 +131,15 @@ class ResidualGroupedLinear(torch.autograd.Function):
                 grad_b.to(res_w.dtype) if need[4] else None, None, None, None, None)
 
 
+def _traceable_forward(x, core_w, res_w, core_b, res_b, sizes):
+    """The loop as plain differentiable ops: what ``torch.jit`` tracers (mmengine's FLOP
+    counter among them) record, since an ``autograd.Function`` is opaque to them."""
+    chunks = x.split(sizes)
+    out = [F.linear(chunk, core_w + res_w[e], core_b + res_b[e])
+           for e, chunk in enumerate(chunks[:-1])]
+    return torch.cat(out + [chunks[-1].new_zeros(sizes[-1], core_w.shape[0])])
+
+
 def residual_grouped_linear(x: Tensor, core_weight: Tensor, residual_weight: Tensor,
                             core_bias: Tensor, residual_bias: Tensor, group_end: Tensor,
                             row_expert: Tensor, sizes: Optional[List[int]],
@@ -150,5 +160,8 @@ def residual_grouped_linear(x: Tensor, core_weight: Tensor, residual_weight: Ten
     Returns:
         Tensor: shape (N, out), in ``x``'s dtype; rows past ``group_end[-1]`` undefined.
     """
+    if torch.jit.is_tracing():
+        return _traceable_forward(x, core_weight, residual_weight, core_bias, residual_bias,
+                                  sizes)
     return ResidualGroupedLinear.apply(x, core_weight, residual_weight, core_bias,
                                        residual_bias, group_end, row_expert, sizes, backend)

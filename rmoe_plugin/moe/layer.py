@@ -129,6 +129,11 @@ class MoEFeedForward(nn.Module):
         self.last_losses: Dict[str, torch.Tensor] = {}
         self.last_stats: Dict[str, torch.Tensor] = {}
 
+    def __getstate__(self):
+        # The last forward's losses and statistics belong to that forward's graph, not to
+        # the layer: a copy (an EMA model, a teacher) starts without them.
+        return dict(self.__dict__, last_losses={}, last_stats={})
+
     def current_capacity_factor(self) -> Optional[float]:
         return self.capacity_factor if self.training else self.eval_capacity_factor
 
@@ -143,6 +148,8 @@ class MoEFeedForward(nn.Module):
 
         dtype = compute_dtype(tokens)
         backend = choose_backend(self.expert_backend, tokens.device, dtype)
+        if torch.jit.is_tracing():  # tracers see the loop's matmuls (see grouped_linear)
+            backend = 'loop'
         sizes = plan.group_sizes() if backend == 'loop' else None  # the one host sync
         expert_in = tokens.to(dtype).index_select(0, plan.token_index)
         with torch.autocast(tokens.device.type, enabled=False):
