@@ -385,7 +385,8 @@ def dense_to_rmoe_checkpoint(in_path: str, backbone_cfg: dict, scope: str) -> Tu
     summary = (f'{len(layers)} FFNs became RMoE layers ({dict(backbone_cfg["moe_cfg"])}): '
                + ', '.join(f'backbone.{n}' for n in layers))
     meta = dict(checkpoint.get('meta', {}) if isinstance(checkpoint.get('meta'), dict) else {})
-    meta['rmoe_conversion'] = dict(source=os.path.abspath(in_path), moe_layers=layers,
+    source_uri = in_path if '://' in in_path else os.path.abspath(in_path)
+    meta['rmoe_conversion'] = dict(source=source_uri, moe_layers=layers,
                                    dense_linear_names=dense_linear_names(backbone, 'backbone.'))
     return dict(state_dict=state_dict, meta=meta), summary
 
