@@ -84,17 +84,27 @@ def test_mim_train_mmdet_mask_rcnn_and_mmdet_tools(tiny_data, tmp_path):
     assert train_lines and all('loss_moe_importance' in line for line in train_lines)
     assert 'loss_mask' in train_lines[-1]
     flops = {}
-    # The heads' cost follows how many boxes survive NMS, which depends on the weights: with
-    # suppression off both models keep the same number, and only the backbones differ.
-    fixed_boxes = ['model.test_cfg.rpn.nms.iou_threshold=1.0',
-                   'model.test_cfg.rcnn.nms.iou_threshold=1.0', 'model.test_cfg.rcnn.score_thr=0.0']
+    # get_flops traces forward(mode='tensor'): the RoI heads run on every RPN proposal (the
+    # mask head on the first 100); the rcnn score threshold and NMS play no part there. The
+    # RPN takes the top nms_pre anchors of each level, then drops boxes of zero width or height
+    # (those decoded outside the image and clipped) and runs NMS, and how many boxes either
+    # removes depends on the random weights (693 to 1000 proposals, up to 12M FLOPs, seen
+    # here). With the size filter off (min_bbox_size < 0) and NMS suppressing nothing (no IoU
+    # exceeds 1.0), the RPN keeps min(max_per_img, sum over levels of min(nms_pre, anchors))
+    # = 1000 boxes on the 96x128 image whatever the weights: the FLOPs follow from the config.
+    fixed_boxes = ['model.test_cfg.rpn.min_bbox_size=-1',
+                   'model.test_cfg.rpn.nms.iou_threshold=1.0']
     for blocks in ('default', 'none'):  # 'none': the same Swin with every FFN dense
         options = fixed_boxes + ([] if blocks == 'default'
                                  else [f'model.backbone.moe_blocks={blocks}'])
         out = run('run', 'mmdet', 'get_flops', DET, '--num-images', '1', '--cfg-options',
                   *det_data(tiny_data['coco']), *options, cwd=tmp_path)
         flops[blocks] = parse_flops(out)
-    assert flops['default'] == pytest.approx(flops['none'], rel=0.03)  # top-1: dense cost
+    print(f'get_flops: {flops}')
+    # Top-1 RMoE costs what the dense model does plus its routers (18k FLOPs here). get_flops
+    # prints three digits (0.369G: steps of 1M), so the two may differ by one printed step; an
+    # RMoE layer that ran all 4 experts on every token would add about 9M.
+    assert abs(flops['default'] - flops['none']) <= 1e6, flops
     out = run('run', 'mmdet', 'benchmark', DET, '--task', 'dataloader', '--dataset-type',
               'train', '--num-warmup', '1', '--max-iter', '6', '--log-interval', '1',
               '--cfg-options', *det_data(tiny_data['coco']), cwd=tmp_path)
