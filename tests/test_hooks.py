@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 import rmoe_plugin  # noqa: F401  (registers the hook)
 from rmoe_plugin import RMoEFFN, collect_moe_losses
-from rmoe_plugin.engine.hooks import MoEStatsHook, find_moe_layers, last_forward_summary
+from rmoe_plugin.engine.hooks import (MoEStatsHook, RoutingTotals, find_moe_layers,
+                                      last_forward_summary)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_EXPERTS = 4
@@ -185,20 +186,45 @@ def test_bad_interval_is_refused():
         MoEStatsHook(interval=0)
 
 
-def test_evaluation_totals_are_summed_over_ranks(monkeypatch):
-    from rmoe_plugin.engine import hooks
-    layer = TwoMoEModel().eval().blocks[0].moe
-    totals = hooks.RoutingTotals(NUM_EXPERTS, 1)
+def test_routing_totals_by_hand():
+    totals = RoutingTotals(num_experts=4, top_k=2)
+    totals.add(dict(expert_load=torch.tensor([3., 1., 0., 0.]),  # 2 tokens x top-2
+                    tokens_per_expert=torch.tensor([2., 1., 0., 0.]),  # one assignment dropped
+                    importance=torch.tensor([1.0, 0.5, 0.25, 0.25]),
+                    router_entropy=torch.tensor(0.5)))
+    totals.add(dict(expert_load=torch.tensor([0., 1., 2., 1.]),
+                    tokens_per_expert=torch.tensor([0., 1., 2., 1.]),
+                    importance=torch.tensor([0.0, 0.5, 0.75, 0.75]),
+                    router_entropy=torch.tensor(1.0)))
+    load = [3 / 8, 2 / 8, 2 / 8, 1 / 8]
+    # importance summed: [1, 1, 1, 1], so no spread; entropy: (0.5 * 2 + 1.0 * 2) / 4 tokens
+    assert totals.summary().tolist() == pytest.approx(load + [1 / 8, 0.0, 0.75])
+
+
+def test_evaluation_totals_are_summed_over_two_gloo_processes(tmp_path):
+    """Each rank routes its own batch; after all_reduce both hold the totals of both batches,
+    as one process that saw both would (and a rank that saw nothing still takes part)."""
+    import socket
+    import sys
+
+    import torch.multiprocessing as mp
+    sys.path.insert(0, os.path.join(ROOT, 'tests', 'helpers'))
+    import rmoe_dist_helpers
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(rmoe_dist_helpers.routing_totals_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    layer = rmoe_dist_helpers.routing_layer()
+    both, first = (RoutingTotals(layer.num_experts, layer.top_k) for _ in range(2))
     with torch.no_grad():
-        layer(torch.randn(2, 16, 8))
-    totals.add(layer.last_stats)
-    before = totals.summary().clone()
-    reduced = []
-    monkeypatch.setattr(hooks, 'get_world_size', lambda: 2)
-    monkeypatch.setattr(hooks, 'all_reduce', lambda t, op: reduced.append(op) or t.mul_(2))
-    totals.all_reduce(torch.device('cpu'))
-    assert reduced == ['sum'] and totals.load.sum().item() == 2 * 32
-    assert torch.allclose(totals.summary(), before)  # two equal ranks: the same shares
-    empty = hooks.RoutingTotals(NUM_EXPERTS, 1)  # a rank that saw nothing still takes part
-    empty.all_reduce(torch.device('cpu'))
-    assert len(reduced) == 2 and empty.summary() is None
+        for rank in (0, 1):
+            layer(rmoe_dist_helpers.routing_batch(rank))
+            both.add(layer.last_stats)
+            if rank == 0:
+                first.add(layer.last_stats)
+    results = [torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1)]
+    assert 0 < both.summary()[4] < 1  # the capacity dropped some assignments
+    assert not torch.allclose(both.summary(), first.summary())  # the second batch counts
+    for result in results:
+        torch.testing.assert_close(result['summed'], both.summary())
+        torch.testing.assert_close(result['only_rank0'], first.summary())

@@ -93,3 +93,42 @@ def sync_bn_worker(rank: int, world_size: int, port: int) -> None:
             torch.testing.assert_close(getattr(synced, name), getattr(reference, name))
     finally:
         dist.destroy_process_group()
+
+
+def routing_totals_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One process of the evaluation-statistics check: the same MoE layer (seed 0) on this
+    rank's own batch (seed ``rank``), totals summed over the ranks by
+    ``RoutingTotals.all_reduce``; a second set of totals that only rank 0 feeds. Writes
+    ``rank{r}.pt`` with both summaries."""
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    import torch.distributed as dist
+    from rmoe_plugin.engine.hooks import RoutingTotals
+    from rmoe_plugin.engine.launch import init_cpu_process_group
+    init_cpu_process_group('pytorch')
+    try:
+        layer = routing_layer()
+        totals, only_rank0 = (RoutingTotals(layer.num_experts, layer.top_k) for _ in range(2))
+        with torch.no_grad():
+            layer(routing_batch(rank))
+        totals.add(layer.last_stats)
+        if rank == 0:
+            only_rank0.add(layer.last_stats)
+        totals.all_reduce(torch.device('cpu'))
+        only_rank0.all_reduce(torch.device('cpu'))
+        torch.save(dict(summed=totals.summary(), only_rank0=only_rank0.summary()),
+                   os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+def routing_layer():
+    """A 4-expert MoE layer with a capacity that drops tokens, the same on every rank."""
+    from rmoe_plugin.moe import MoEFeedForward
+    torch.manual_seed(0)
+    return MoEFeedForward(8, 16, num_experts=4, capacity_factor=0.5,
+                          eval_capacity_factor=0.5).eval()
+
+
+def routing_batch(seed: int) -> torch.Tensor:
+    return torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
