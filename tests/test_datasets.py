@@ -1,5 +1,6 @@
 import hashlib
 import os
+import stat
 
 import pytest
 from mmdet.datasets import CocoDataset
@@ -55,5 +56,20 @@ def test_same_seed_same_bytes_and_existing_data_is_kept(tmp_path):
     with pytest.raises(FileExistsError, match='overwrite'):
         make_coco(str(tmp_path / 'a'), num_train=2, num_val=1, seed=4)
     assert digest(a) == before
-    make_ade20k(str(tmp_path / 'a'), num_train=2, num_val=1)
-    make_ade20k(str(tmp_path / 'a'), num_train=2, num_val=1, seed=5, overwrite=True)
+    ade = make_ade20k(str(tmp_path / 'a'), num_train=2, num_val=1)
+    first = digest(ade)
+    assert make_ade20k(str(tmp_path / 'a'), num_train=2, num_val=1, seed=5,
+                       overwrite=True) == ade
+    assert digest(ade) != first  # replaced by the new seed's data
+    assert digest(a) == before  # beside it, the COCO data is untouched
+
+
+def test_a_dataset_folder_gets_the_permissions_mkdir_would_give_it(tmp_path):
+    old = os.umask(0o022)
+    try:
+        os.mkdir(tmp_path / 'plain')
+        root = make_ade20k(str(tmp_path / 'data'), num_train=1, num_val=1, size=(32, 32))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(root).st_mode) == stat.S_IMODE(
+        os.stat(tmp_path / 'plain').st_mode) == 0o755

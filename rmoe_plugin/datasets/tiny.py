@@ -10,7 +10,7 @@ can learn them in a few hundred iterations. Everything is drawn from one seed.
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from contextlib import contextmanager
 from typing import Dict, List, Tuple
 
@@ -78,7 +78,9 @@ def _fresh_folder(path: str, overwrite: bool):
                               '(--overwrite) to replace it')
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=parent)
+    # a unique name made with mkdir, so the folder gets a plain mkdir's permissions
+    tmp = os.path.join(parent, f'.tmp-{os.path.basename(path)}-{uuid.uuid4().hex}')
+    os.mkdir(tmp)
     try:
         yield tmp
     except BaseException:
