@@ -10,6 +10,7 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from rmoe_plugin import RMoEFFN, collect_moe_losses
+from rmoe_plugin.utils.known_warnings import ignore_known_warnings
 from rmoe_plugin.utils.layer_benchmark import measure_ffn_pair
 
 
@@ -56,6 +57,7 @@ def evaluate(layer, sample):
 
 
 def main():
+    ignore_known_warnings()
     args = parse_args()
     torch.manual_seed(args.seed)
     sample = clustered_task(seed=args.seed)

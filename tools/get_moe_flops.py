@@ -17,6 +17,7 @@ from mmengine.config import DictAction
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
 from rmoe_plugin.analysis import build_from_config, moe_flops_report
 from rmoe_plugin.analysis.flops import format_report
+from rmoe_plugin.utils.known_warnings import ignore_known_warnings
 
 
 def parse_args(argv=None):
@@ -30,6 +31,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    ignore_known_warnings()
     args = parse_args(argv)
     try:
         if min(args.shape) < 1:

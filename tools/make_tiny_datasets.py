@@ -6,9 +6,11 @@
 import argparse
 
 from rmoe_plugin.datasets import make_ade20k, make_coco
+from rmoe_plugin.utils.known_warnings import ignore_known_warnings
 
 
 def main():
+    ignore_known_warnings()
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('root', help='folder that will hold ade/ and coco/')
     p.add_argument('--only', choices=['ade20k', 'coco'])

@@ -9,6 +9,8 @@ gloo (see ``rmoe_plugin.engine.launch``)::
     torchrun --nproc_per_node 2 tools/train.py CONFIG --launcher pytorch [--cfg-options ...]
 """
 from rmoe_plugin.engine.launch import run_tool
+from rmoe_plugin.utils.known_warnings import ignore_known_warnings
 
 if __name__ == '__main__':
+    ignore_known_warnings()
     run_tool('train')
