@@ -16,8 +16,9 @@ import torch
 import rmoe_plugin  # noqa: F401
 from rmoe_plugin.datasets import make_ade20k, make_imagenet
 from rmoe_plugin.fileio import atomic_write
-from rmoe_plugin.pipeline import (load_runs, make_pipelines, markdown_table, plot, run_pipeline,
-                                  summarise)
+from rmoe_plugin.pipeline import (format_stage, load_runs, make_pipelines, markdown_table, plot,
+                                  run_pipeline, summarise)
+from rmoe_plugin.utils.known_warnings import KnownLogMessages, ignore_known_warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, 'configs', 'pipeline')
@@ -64,7 +65,12 @@ def check_conversion():
     print(f'dense FFN -> RMoE layer (8 experts = core + residual): max |difference| {diff:.1e}')
 
 
+def print_stage(*stage):
+    print(format_stage(*stage), flush=True)
+
+
 def main():
+    ignore_known_warnings()
     args = parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     options = make_data(os.path.join(args.work_dir, 'data'))
@@ -72,11 +78,8 @@ def main():
     pipelines = make_pipelines(CONFIGS, *args.iters)
     for seed in args.seeds:
         for name in ('dense', 'rmoe_d', 'rmoe_i', 'moe'):
-            record = run_pipeline(name, pipelines[name], args.work_dir, seed, options)
-            stages = ', '.join(f"{s['name']} {s['cost']['wall_s']:.0f} s"
-                               for s in record['stages'])
-            print(f'seed {seed} {name:7s} mIoU {record["stages"][-1]["metrics"]["mIoU"]:5.2f}'
-                  f'  ({stages})', flush=True)
+            run_pipeline(name, pipelines[name], args.work_dir, seed, options,
+                         on_stage=print_stage, log_filter=KnownLogMessages())
     rows = summarise(load_runs(args.work_dir), 'mIoU')
     table = markdown_table(rows, 'mIoU')
     plot(rows, 'mIoU', os.path.join(args.work_dir, 'pipelines.png'))

@@ -12,7 +12,8 @@ import argparse
 from mmengine.config import DictAction
 
 import rmoe_plugin  # noqa: F401
-from rmoe_plugin.pipeline import make_pipelines, run_pipeline
+from rmoe_plugin.pipeline import format_stage, make_pipelines, run_pipeline
+from rmoe_plugin.utils.known_warnings import KnownLogMessages, ignore_known_warnings
 
 
 def parse_args():
@@ -29,7 +30,12 @@ def parse_args():
     return p.parse_args()
 
 
+def print_stage(*stage):
+    print(format_stage(*stage), flush=True)
+
+
 def main():
+    ignore_known_warnings()
     args = parse_args()
     configs = dict(cls_dense=args.cls_dense, cls_rmoe=args.cls_rmoe,
                    seg_dense=args.seg_dense, seg_rmoe=args.seg_rmoe)
@@ -42,7 +48,8 @@ def main():
                args.seg_dense: args.cfg_options_seg, args.seg_rmoe: args.cfg_options_seg}
     for seed in args.seeds:
         for name in args.pipelines:
-            run_pipeline(name, pipelines[name], args.root, seed, options)
+            run_pipeline(name, pipelines[name], args.root, seed, options,
+                         on_stage=print_stage, log_filter=KnownLogMessages())
 
 
 if __name__ == '__main__':

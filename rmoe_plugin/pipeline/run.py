@@ -9,9 +9,11 @@ Each stage's checkpoint initialises the next stage's backbone through ``init_cfg
 upstream stage runs once and serves three pipelines (its cost counts in each).
 """
 import json
+import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from mmengine.config import Config
 from mmengine.runner import Runner
@@ -80,8 +82,12 @@ def fit_schedule(schedulers: List[dict], max_iters: int) -> None:
 
 
 def run_stage(stage: Stage, work_dir: str, init_checkpoint: Optional[str], seed: int,
-              options: Dict) -> StageResult:
-    """Train one stage (skipped when ``work_dir`` holds a finished one), then test it."""
+              options: Dict, log_filter: Optional[logging.Filter] = None) -> StageResult:
+    """Train one stage (skipped when ``work_dir`` holds a finished one), then test it.
+
+    ``log_filter`` is added to the stage Runner's logger (a command line's way to hide
+    known-harmless messages).
+    """
     done = os.path.join(work_dir, 'result.json')
     if os.path.exists(done):
         with open(done) as f:
@@ -96,7 +102,16 @@ def run_stage(stage: Stage, work_dir: str, init_checkpoint: Optional[str], seed:
     fit_schedule(cfg.param_scheduler, stage.max_iters)
     cfg.model.backbone.init_cfg = (dict(type='Pretrained', checkpoint=init_checkpoint)
                                    if init_checkpoint else None)
+    # Runners share a message hub, logger and visualizer when their names match (mmengine
+    # names them by the second a Runner starts, the visualizer from the config): each stage
+    # gets its own, or a short stage would log into the one before.
+    started = time.strftime('%Y%m%d_%H%M%S')
+    cfg.experiment_name = f'seed{seed}-{os.path.basename(work_dir)}-{started}'
+    if cfg.get('visualizer'):
+        cfg.visualizer.name = f'visualizer-{cfg.experiment_name}'
     runner = Runner.from_cfg(cfg)
+    if log_filter is not None:
+        runner.logger.addFilter(log_filter)
     runner.train()
     metrics = {k: float(v) for k, v in runner.test().items()}
     with open(os.path.join(work_dir, 'cost.json')) as f:
@@ -108,20 +123,53 @@ def run_stage(stage: Stage, work_dir: str, init_checkpoint: Optional[str], seed:
     return result
 
 
+# on_stage(pipeline, seed, result, reused, seconds): after each stage of run_pipeline.
+StageCallback = Callable[[str, int, StageResult, bool, float], None]
+# The metric a stage is shown with: segmentation or detection downstream, classification up.
+STAGE_METRICS = ('mIoU', 'coco/bbox_mAP', 'accuracy/top1')
+
+
+def format_stage(pipeline: str, seed: int, result: StageResult, reused: bool,
+                 seconds: float) -> str:
+    """A progress line for ``on_stage``: the stage, its time, the metric it reached."""
+    metric = next((f'{k} {result.metrics[k]:.2f}' for k in STAGE_METRICS
+                   if k in result.metrics), '')
+    if reused:
+        took = f'reused ({os.path.basename(result.work_dir)})'
+    else:
+        took = f'{seconds:4.0f} s (training {result.cost["wall_s"]:.0f} s)'
+    return f'seed {seed}  {pipeline:7s} {result.name:12s} {took:28s} {metric}'.rstrip()
+
+
 def run_pipeline(name: str, stages: List[Stage], root: str, seed: int,
-                 options: Dict[str, Dict]) -> Dict:
+                 options: Dict[str, Dict], on_stage: Optional[StageCallback] = None,
+                 log_filter: Optional[logging.Filter] = None) -> Dict:
     """Run (or reuse) every stage of one pipeline; write and return its record.
 
-    ``options`` maps a config path to the ``--cfg-options``-style dict for its stages (data
-    roots, say).
+    Args:
+        name (str): the pipeline ('dense', 'rmoe_i', ...).
+        stages (list[Stage]): its stages, in order.
+        root (str): folder of every seed's stages and records.
+        seed (int): the seed of every stage.
+        options (dict): config path -> ``--cfg-options``-style dict for its stages (data
+            roots, say).
+        on_stage (callable, optional): called after each stage with the pipeline's name, the
+            seed, the stage's result, whether it was reused (finished earlier, or shared with
+            a pipeline that ran it) and the seconds it took here. Default: None.
+        log_filter (logging.Filter, optional): added to every stage Runner's logger.
+            Default: None.
     """
     results: Dict[str, StageResult] = {}
     for stage in stages:
         folder = stage.key or f'{name}-{stage.name}'
         work_dir = os.path.join(root, f'seed{seed}', 'stages', folder)
         init = results[stage.init_from].checkpoint if stage.init_from else None
+        reused = os.path.exists(os.path.join(work_dir, 'result.json'))
+        start = time.perf_counter()
         results[stage.name] = run_stage(stage, work_dir, init, seed,
-                                        options.get(stage.config, {}))
+                                        options.get(stage.config, {}), log_filter)
+        if on_stage is not None:
+            on_stage(name, seed, results[stage.name], reused, time.perf_counter() - start)
     record = dict(pipeline=name, seed=seed,
                   stages=[asdict(results[s.name]) for s in stages])
     path = os.path.join(root, f'seed{seed}', f'{name}.json')
