@@ -73,8 +73,12 @@ def test_report_relates_every_pipeline_to_dense_and_moe(tmp_path):
     table = markdown_table(list(rows.values()), 'mIoU')
     assert rows['rmoe_i']['delta'] == pytest.approx(2.0)
     assert '| RMoE-I | 42.00 ± 0.00 | +2.00 ± 0.00 |' in table and '+3.3%' in table
-    plot(list(rows.values()), 'mIoU', str(tmp_path / 'p.png'))
-    assert (tmp_path / 'p.png').stat().st_size > 1000
+    fig = plot(list(rows.values()), 'mIoU', str(tmp_path / 'p.png'))
+    assert (tmp_path / 'p.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    ax, = fig.axes
+    left, right = ax.get_xlim()
+    assert left == 0 and right >= 251  # the cost axis from zero, MoE's 251 GFLOPs inside it
+    assert sorted(t.get_text() for t in ax.texts) == ['+0.0%', '+3.3%', '+67.3%']
     with pytest.raises(FileNotFoundError, match='no finished pipeline'):
         load_runs(str(tmp_path / 'nothing'))
 
@@ -99,8 +103,20 @@ def data_options(data):
 def test_four_pipelines_chain_their_checkpoints_and_record_costs(pipeline_data, tmp_path):
     pipelines = make_pipelines(CONFIGS, 4, 2, 4)
     options = data_options(pipeline_data)
-    records = {name: run_pipeline(name, stages, str(tmp_path), 0, options)
+    reported = []
+
+    def on_stage(name, seed, result, reused, seconds):
+        reported.append((name, result.name, reused))
+        assert seed == 0 and seconds >= 0 and os.path.isdir(result.work_dir)
+    records = {name: run_pipeline(name, stages, str(tmp_path), 0, options, on_stage)
                for name, stages in pipelines.items()}
+    # one report per stage; the dense upstream stage trained once, then shared
+    assert reported == [
+        ('dense', 'upstream', False), ('dense', 'downstream', False),
+        ('rmoe_i', 'upstream', True), ('rmoe_i', 'intermediate', False),
+        ('rmoe_i', 'downstream', False),
+        ('rmoe_d', 'upstream', True), ('rmoe_d', 'downstream', False),
+        ('moe', 'upstream', False), ('moe', 'downstream', False)]
     # the dense upstream stage ran once and serves dense, RMoE-I and RMoE-D
     assert sorted(os.listdir(tmp_path / 'seed0' / 'stages')) == [
         'dense-downstream', 'dense-upstream', 'moe-downstream', 'moe-upstream',
@@ -118,8 +134,10 @@ def test_four_pipelines_chain_their_checkpoints_and_record_costs(pipeline_data, 
     rows = summarise(load_runs(str(tmp_path)), 'mIoU')
     assert [r['pipeline'] for r in rows] == ['dense', 'rmoe_d', 'rmoe_i', 'moe']
     # a finished stage is reused, not trained again
-    again = run_pipeline('dense', pipelines['dense'], str(tmp_path), 0, options)
+    reported.clear()
+    again = run_pipeline('dense', pipelines['dense'], str(tmp_path), 0, options, on_stage)
     assert again == records['dense']
+    assert reported == [('dense', 'upstream', True), ('dense', 'downstream', True)]
 
 
 @pytest.mark.e2e

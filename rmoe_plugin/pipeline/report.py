@@ -78,21 +78,34 @@ def markdown_table(rows: List[dict], metric: str) -> str:
     return '\n'.join(lines)
 
 
-def plot(rows: List[dict], metric: str, path: str) -> None:
-    """Accuracy against training FLOPs, one point per pipeline (error bar: std over seeds)."""
+def plot(rows: List[dict], metric: str, path: str):
+    """Accuracy against training FLOPs, one point per pipeline (error bar: std over seeds).
+
+    The cost axis starts at zero and each point is labelled with its cost over dense, so
+    that a few percent more FLOPs look like a few percent.
+
+    Returns:
+        matplotlib.figure.Figure: the figure written to ``path`` (already closed).
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
-        ax.errorbar(r['train_flops'] / 1e9, r['metric'], yerr=r['metric_std'], fmt='o',
-                    capsize=4, label=LABELS.get(r['pipeline'], r['pipeline']))
-    ax.set_xlabel('training cost (GFLOPs, all stages)')
+        x = r['train_flops'] / 1e9
+        ax.errorbar(x, r['metric'], yerr=r['metric_std'], fmt='o', capsize=4,
+                    label=LABELS.get(r['pipeline'], r['pipeline']))
+        if 'vs_dense_flops' in r:
+            ax.annotate(f'{r["vs_dense_flops"]:+.1%}', (x, r['metric']), fontsize=7,
+                        textcoords='offset points', xytext=(6, 4))
+    ax.set_xlim(left=0, right=1.1 * max(r['train_flops'] for r in rows) / 1e9)
+    ax.set_xlabel('training cost (GFLOPs, all stages; labels: over dense)')
     ax.set_ylabel(metric)
     ax.set_title('RMoE pipelines: accuracy against cost')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc='lower left')
     fig.tight_layout()
     with atomic_write(path, 'wb') as f:
         fig.savefig(f, format='png', dpi=120)
     plt.close(fig)
+    return fig
