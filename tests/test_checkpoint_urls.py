@@ -26,8 +26,9 @@ from mmengine.runner import checkpoint as mmengine_checkpoint
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ADE20K = os.path.join(ROOT, 'configs', 'ade20k',
-                      'rmoe-swin-tiny-patch4-window7-e8-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py')
+ADE20K = os.path.join(
+    ROOT, 'configs', 'ade20k',
+    'rmoe-swin-tiny-patch4-window7-e8-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py')
 COCO = os.path.join(ROOT, 'configs', 'coco', 'mask-rcnn_rmoe-swin-t-p4-w7-e8_fpn_1x_coco.py')
 UPSTREAM_URLS = {ADE20K: 'https://download.openmmlab.com/', COCO: 'https://github.com/'}
 SMALL = dict(embed_dims=16, num_heads=[1, 2, 4, 8])  # Swin-T's depths and windows, narrower
