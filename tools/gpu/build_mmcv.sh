@@ -60,8 +60,16 @@ preflight() {
     echo "build_mmcv: setuptools from $st (pkg_resources)"
   fi
   "$PYTHON" -c 'import wheel' 2>/dev/null || die "the build needs the wheel package: pip install wheel"
-  command -v ninja >/dev/null || "$PYTHON" -c 'import ninja' 2>/dev/null \
-    || echo "build_mmcv: warning: no ninja; torch falls back to a slow serial build (pip install ninja)" >&2
+  if ! command -v ninja >/dev/null; then
+    # The ninja wheel's binary, where its bin folder is not on PATH; torch calls `ninja`.
+    local nbin
+    nbin=$("$PYTHON" -c 'import ninja; print(ninja.BIN_DIR)' 2>/dev/null) || true
+    if [[ -n $nbin && -x $nbin/ninja ]]; then
+      export PATH=$nbin:$PATH
+    else
+      echo "build_mmcv: warning: no ninja; torch falls back to a slow serial build (pip install ninja)" >&2
+    fi
+  fi
 
   if [[ -z ${FORCE_CUDA:-} ]]; then
     FORCE_CUDA=0
@@ -140,7 +148,7 @@ cmd_start() {
   # unless they started their own session), so a later call can wait for it.
   setsid nice -n "${BUILD_NICE:-0}" bash -c '
     cd "$1"
-    if "$2" -m pip wheel -v --no-build-isolation --no-deps --no-index -w "$3" . >"$4" 2>&1 \
+    if "$2" -m pip wheel -v --no-cache-dir --no-build-isolation --no-deps --no-index -w "$3" . >"$4" 2>&1 \
        && ls "$3"/mmcv-*.whl >/dev/null 2>&1; then s=ok; else s=failed; fi
     date +%s >"$6/t_end"; echo $s >"$5"' _ "$SRC" "$PYTHON" "$DIST" "$LOG" "$STATE" "$WORK" \
     </dev/null >/dev/null 2>&1 &

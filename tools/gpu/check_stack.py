@@ -32,7 +32,8 @@ def main():
     except Exception as err:
         failures.append(f'import mmcv.ops: {type(err).__name__}: {err}')
         return report(failures, t0)
-    print(f'  mmcv._ext {mmcv.ops.__file__}')
+    ext = importlib.import_module('mmcv._ext')
+    print(f'  mmcv._ext {ext.__file__}')
 
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     gen = torch.Generator().manual_seed(0)
@@ -68,8 +69,11 @@ def main():
                 except ImportError:
                     pass
             else:
-                if not torch.equal(keep, ref['keep']):
-                    failures.append('cuda nms keeps other boxes than cpu nms')
+                # The same IoU in another rounding can flip a box at the threshold.
+                diff = len(set(keep.tolist()) ^ set(ref['keep'].tolist()))
+                print(f'  cuda vs cpu nms: {diff} boxes kept by one only')
+                if diff > 1:
+                    failures.append(f'cuda nms: {diff} boxes differ from cpu nms')
                 rel = ((out - ref['out']).norm() / ref['out'].norm()).item()
                 print(f'  cuda vs cpu RoIAlign: relative difference {rel:.2e}')
                 if not rel < 1e-5:

@@ -95,7 +95,7 @@ else
   sdist=${MMCV_SDIST:-$WHL/src/mmcv-2.1.0.tar.gz}
   rm -rf "$WORK/lite"; mkdir -p "$WORK/lite"
   tar -xzf "$sdist" -C "$WORK/lite"
-  PYTHONPATH=$WORK/buildtools${PYTHONPATH:+:$PYTHONPATH} MMCV_WITH_OPS=0 "$PYTHON" -m pip wheel -q \
+  PYTHONPATH=$WORK/buildtools${PYTHONPATH:+:$PYTHONPATH} MMCV_WITH_OPS=0 "$PYTHON" -m pip wheel -q --no-cache-dir \
     --no-build-isolation --no-deps --no-index -w "$WORK/lite/dist" "$WORK/lite/mmcv-2.1.0" \
     && pip_target "$WORK"/lite/dist/mmcv_lite-*.whl \
     || echo "install_stack: mmcv-lite did not build either" >&2
