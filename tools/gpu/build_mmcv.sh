@@ -80,7 +80,7 @@ preflight() {
     # The toolkit's root: its bin/nvcc and include/cuda_runtime.h (an nvcc on PATH can be a
     # wrapper script, as /usr/local/bin/nvcc is on these machines: torch would then take
     # /usr/local for CUDA_HOME and fail to link -lcudart).
-    local cuda_home= c nvcc_path
+    local cuda_home='' c nvcc_path
     nvcc_path=$(command -v nvcc || true)
     for c in "${CUDA_HOME:-}" /usr/local/cuda \
              ${nvcc_path:+"$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"} /usr/local/cuda-*; do

@@ -26,7 +26,7 @@ def main():
         except Exception as err:  # report every failure, not the first only
             failures.append(f'import {name}: {type(err).__name__}: {err}')
     try:
-        import mmcv.ops
+        import mmcv.ops  # noqa: F401
         from mmcv.ops import RoIAlign, nms
         from mmcv.ops.nms import batched_nms  # noqa: F401
     except Exception as err:

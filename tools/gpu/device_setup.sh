@@ -17,7 +17,7 @@
 set -uo pipefail
 : "${OUT:?device_setup: OUT is not set (this runs through the device tool)}"
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 1
 export PYTHONUNBUFFERED=1 SITE=${SITE:-/tmp/site} BUILD_WAIT=${BUILD_WAIT:-420}
 WORK=${MMCV_BUILD_DIR:-/tmp/mmcv-build}
 t0=$(date +%s)
