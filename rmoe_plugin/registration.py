@@ -4,8 +4,9 @@
 ``import rmoe_plugin.moe``, which runs the package's ``__init__`` first, must import no
 OpenMMLab package, so that the layer works where none is installed. Registration therefore
 waits for mmengine: it happens at import when mmengine's registry is already loaded, and
-otherwise right before that registry's first lookup, whatever was imported in between (a
-registry is only ever read through ``Registry.get``).
+otherwise right before the first registry lookup (``Registry.get``, through which every
+build passes) or the first checkpoint load (``CheckpointLoader.load_checkpoint``, which the
+weights-only loaders must serve), whichever comes first, whatever was imported in between.
 """
 import importlib
 import importlib.abc
@@ -16,6 +17,7 @@ from typing import Callable
 # Subpackages whose import registers modules (each with the decorators of its registry).
 OPENMMLAB_SUBPACKAGES = ('engine', 'models', 'backbones', 'pipeline')
 _REGISTRY_MODULE = 'mmengine.registry.registry'
+_CHECKPOINT_MODULE = 'mmengine.runner.checkpoint'
 _state = dict(registered=False)
 
 
@@ -36,23 +38,28 @@ def register_all_modules() -> None:
 
 
 def register_when_mmengine_loads() -> None:
-    """Register now if mmengine's registry is loaded, else before its first lookup."""
+    """Register now if mmengine's registry is loaded, else before its first use."""
     if _REGISTRY_MODULE in sys.modules:
         register_all_modules()
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(_REGISTRY_MODULE, _register_before_first_lookup))
+        sys.meta_path.insert(0, _AfterImport(_REGISTRY_MODULE, lambda module: _register_before(
+            module.Registry, 'get')))
+        sys.meta_path.insert(0, _AfterImport(_CHECKPOINT_MODULE, lambda module: _register_before(
+            module.CheckpointLoader, 'load_checkpoint')))
 
 
-def _register_before_first_lookup(registry_module) -> None:
-    registry_class = registry_module.Registry
-    original_get = registry_class.get
+def _register_before(owner: type, name: str) -> None:
+    """Make the first call of ``owner.name`` register the plugin's modules first."""
+    original = owner.__dict__[name]  # a classmethod stays a classmethod
+    function = original.__func__ if isinstance(original, classmethod) else original
 
-    def get(self, key):
-        registry_class.get = original_get
+    def first_call(self_or_cls, *args, **kwargs):
+        setattr(owner, name, original)
         register_all_modules()
-        return original_get(self, key)
+        return function(self_or_cls, *args, **kwargs)
 
-    registry_class.get = get
+    setattr(owner, name, classmethod(first_call) if isinstance(original, classmethod)
+            else first_call)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

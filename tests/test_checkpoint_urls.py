@@ -288,3 +288,18 @@ def test_a_url_pickle_that_would_run_code_is_refused_everywhere(server, hub, tmp
     assert not marker.exists() and server.requests == ['/swin.pth']
     mmengine_checkpoint.load_from_http(url)  # mmengine's own URL loader would have run it
     assert marker.exists()
+
+
+def test_the_converter_gives_timm_a_checkpoint_served_by_url(server, hub):
+    from rmoe_plugin.backbones.moe_conversion import dense_to_rmoe_checkpoint
+    timm_args = dict(img_size=32, patch_size=8, embed_dim=16, depth=4, num_heads=2)
+    torch.manual_seed(0)
+    dense = timm.create_model('vit_tiny_patch16_224', **timm_args)
+    url = server.serve('vit.pth', dense.state_dict())
+    cfg = dict(type='RMoEBackbone', backbone_type='TIMMBackbone',
+               model_name='vit_tiny_patch16_224', **timm_args, moe_cfg=dict(num_experts=4))
+    converted, _ = dense_to_rmoe_checkpoint(url, cfg, 'mmpretrain')
+    core = converted['state_dict']['backbone.timm_model.blocks.1.mlp.moe.experts.core_weights.0']
+    assert torch.equal(core, dense.state_dict()['blocks.1.mlp.fc1.weight'])
+    assert converted['meta']['rmoe_conversion']['source'] == url
+    assert server.requests == ['/vit.pth']

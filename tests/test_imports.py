@@ -71,3 +71,26 @@ import rmoe_plugin
 print('RMoESwinTransformer' in MODELS.module_dict, 'RMoEMaskRCNN' in MODELS.module_dict)
 ''')
     assert out.split() == ['True', 'True']
+
+
+def test_a_checkpoint_loaded_before_any_build_is_loaded_weights_only(tmp_path):
+    # import rmoe_plugin, then mmengine's load_checkpoint of a URL (whose upstream loader
+    # unpickles anything) with no registry lookup between: the weights-only loaders serve it
+    out = run(f'''
+import functools, http.server, os, threading, torch, rmoe_plugin
+os.environ['TORCH_HOME'] = {str(tmp_path / 'torch')!r}
+class Payload:
+    def __reduce__(self):
+        return (print, ('payload ran',))
+torch.save({{'state_dict': {{}}, 'x': Payload()}}, {str(tmp_path / 'evil.pth')!r})
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory={str(tmp_path)!r})
+httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+from mmengine.runner import load_checkpoint
+try:
+    load_checkpoint(torch.nn.Linear(1, 1), f'http://127.0.0.1:{{httpd.server_address[1]}}/evil.pth')
+except Exception as e:
+    print('refused', type(e).__name__)
+httpd.shutdown()
+''')
+    assert 'payload ran' not in out and 'refused' in out

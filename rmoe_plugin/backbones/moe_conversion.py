@@ -332,6 +332,12 @@ def _is_timm(cfg: ConfigDict) -> bool:
         str(cfg.get('backbone_type', '')).split('.')[-1] == 'TIMMBackbone'
 
 
+def _saved(state_dict: dict, folder: str) -> str:
+    path = os.path.join(folder, 'backbone.pth')
+    torch.save({'state_dict': state_dict}, path)
+    return path
+
+
 def _build_backbone(cfg: ConfigDict, scope: str) -> nn.Module:
     with DefaultScope.overwrite_default_scope(scope):
         backbone = MODELS.build(cfg)
@@ -361,21 +367,17 @@ def dense_to_rmoe_checkpoint(in_path: str, backbone_cfg: dict, scope: str) -> Tu
     checkpoint = load_checkpoint_file(in_path)
     source = extract_state_dict(checkpoint)
     cfg = ConfigDict(backbone_cfg)
-    if _is_timm(cfg):  # timm loads its own checkpoints, at construction
-        cfg.checkpoint_path = in_path
-        cfg.pop('init_cfg', None)
-        backbone = _build_backbone(cfg, scope)
-    else:
-        # Not every backbone takes a full model's checkpoint (mmseg's BEiT does not): each is
-        # given the backbone part, as init_cfg's prefix='backbone.' would give it.
-        bare = backbone_state_dict(source)
-        with tempfile.TemporaryDirectory() as folder:
-            path = in_path
-            if bare is not source:
-                path = os.path.join(folder, 'backbone.pth')
-                torch.save({'state_dict': bare}, path)
+    with tempfile.TemporaryDirectory() as folder:
+        if _is_timm(cfg):  # timm loads its own checkpoints, from a local file, at construction
+            cfg.checkpoint_path = in_path if os.path.isfile(in_path) else _saved(source, folder)
+            cfg.pop('init_cfg', None)
+        else:
+            # Not every backbone takes a full model's checkpoint (mmseg's BEiT does not):
+            # each is given the backbone part, as init_cfg's prefix='backbone.' would give it.
+            bare = backbone_state_dict(source)
+            path = in_path if bare is source else _saved(bare, folder)
             cfg.init_cfg = ConfigDict(type='Pretrained', checkpoint=path)
-            backbone = _build_backbone(cfg, scope)
+        backbone = _build_backbone(cfg, scope)
     state_dict = OrderedDict((k, v) for k, v in source.items()
                              if not k.startswith(('backbone.', 'module.backbone.')))
     if len(state_dict) == len(source):  # a bare backbone checkpoint

@@ -29,7 +29,7 @@ _IN_MEMORY: Dict[str, dict] = {}
 
 
 @CheckpointLoader.register_scheme(prefixes='rmoe://')
-def _load_in_memory(filename, map_location=None):
+def load_from_memory(filename, map_location=None):  # mmengine logs 'by memory backend'
     return _IN_MEMORY[filename]
 
 
