@@ -12,6 +12,7 @@ install_requires = [
     'mmcv>=2.0.0,<2.2.0',  # mmdet 3.x and mmsegmentation 1.x refuse mmcv >= 2.2.0
     'mmsegmentation>=1.2.0',
     'mmdet>=3.2.0',
+    'timm',  # the design card's stack; mmpretrain's TIMMBackbone wraps its models
     'numpy',
     'matplotlib',  # the pipeline report, expert maps and weight plots
 ]
@@ -26,6 +27,5 @@ setup(
     extras_require={
         # the upstream classification stages of the pipelines (tools/demo.py, run_pipelines)
         'pipelines': ['mmpretrain>=1.2.0'],
-        'timm': ['timm'],  # mmseg's TIMMBackbone in a config
     },
 )
