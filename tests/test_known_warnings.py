@@ -13,7 +13,7 @@ from mmengine.registry import DefaultScope
 
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
 from rmoe_plugin.utils.known_warnings import (KNOWN_WARNINGS, KnownLogMessages,
-                                              ignore_known_warnings)
+                                              hide_known_prints, ignore_known_warnings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG = os.path.join(ROOT, 'tests', 'configs', 'tiny_rmoe_upernet_ade20k.py')
@@ -98,3 +98,75 @@ def test_known_log_messages_are_dropped_and_others_kept():
     assert any('The prefix is not set in metric class IoUMetric' in m for m in loud)
     assert records.messages == ['The prefix is not set in metric class NoPrefix.',
                                 'missing in checkpoint: norm0.weight']
+
+
+SWIN = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
+            pretrain_img_size=32)
+
+
+def swin_warnings(tmp_path, checkpoint_out_indices, drop_prefix=None, logger_filter=None):
+    """What RMoESwinTransformer (4 outputs) logs about the keys of a dense Swin checkpoint
+    with other outputs (and without the keys under ``drop_prefix``)."""
+    import torch
+    from mmseg.registry import MODELS
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        dense = MODELS.build(dict(type='SwinTransformer', **SWIN,
+                                  out_indices=checkpoint_out_indices))
+        state = {k: v for k, v in dense.state_dict().items()
+                 if not (drop_prefix and k.startswith(drop_prefix))}
+        path = str(tmp_path / 'classifier_backbone.pth')
+        torch.save({'state_dict': state}, path)
+        rmoe = MODELS.build(dict(type='RMoESwinTransformer', **SWIN,
+                                 init_cfg=dict(type='Pretrained', checkpoint=path)))
+    MMLogger.get_instance('known-swin-messages-test')  # the current logger
+    logger = MMLogger.get_current_instance()
+    records = Records()
+    logger.addHandler(records)
+    if logger_filter:
+        logger.addFilter(logger_filter)
+    try:
+        rmoe.init_weights()
+    finally:
+        logger.removeHandler(records)
+        if logger_filter:
+            logger.removeFilter(logger_filter)
+    return [m for m in records.messages if ' in checkpoint (' in m]
+
+
+def test_only_the_missing_output_norms_of_a_classifier_backbone_are_known(tmp_path):
+    # A classifier's Swin normalises its last stage only: the other three norms start fresh.
+    assert swin_warnings(tmp_path, (3,)) == [
+        "RMoESwinTransformer: missing in checkpoint (kept their initialisation): "
+        "['norm0.bias', 'norm0.weight', 'norm1.bias', 'norm1.weight', "
+        "'norm2.bias', 'norm2.weight']"]
+    assert swin_warnings(tmp_path, (3,), logger_filter=KnownLogMessages()) == []
+    # Anything else missing is not known to be harmless: it still warns through the filter.
+    kept = swin_warnings(tmp_path, (3,), 'patch_embed.', KnownLogMessages())
+    assert len(kept) == 1 and "'patch_embed.norm.bias'" in kept[0] and "'norm0.bias'" in kept[0]
+
+
+def test_known_prints_are_dropped_and_other_lines_kept(tmp_path, capsys):
+    import torch
+    from mmseg.registry import MODELS
+    path = str(tmp_path / 'weights.pth')
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        scratch = MODELS.build(dict(type='SwinTransformer', **SWIN))
+        torch.save({'state_dict': scratch.state_dict()}, path)
+        pretrained = MODELS.build(dict(type='SwinTransformer', **SWIN,
+                                       init_cfg=dict(type='Pretrained', checkpoint=path)))
+
+    def print_some():
+        scratch.init_weights()  # mmseg: "No pre-trained weights for SwinTransformer, ..."
+        pretrained.init_weights()  # mmengine, called by mmseg: "Loads checkpoint by local ..."
+        print('seed 0  dense   upstream   23 s')
+        print('[>>>   ] 3/5', end='\r', flush=True)  # a progress bar's partial line
+        print('done')
+
+    print_some()
+    loud = capsys.readouterr().out
+    assert 'No pre-trained weights for SwinTransformer, training start from scratch' in loud
+    assert f'Loads checkpoint by local backend from path: {path}' in loud
+    with hide_known_prints():
+        print_some()
+    quiet = capsys.readouterr().out
+    assert quiet == 'seed 0  dense   upstream   23 s\n[>>>   ] 3/5\rdone\n'

@@ -10,6 +10,7 @@ Finished stages are reused, so running it again only redoes what is missing.
 """
 import argparse
 import os
+import time
 
 import torch
 
@@ -18,7 +19,8 @@ from rmoe_plugin.datasets import make_ade20k, make_imagenet
 from rmoe_plugin.fileio import atomic_write
 from rmoe_plugin.pipeline import (format_stage, load_runs, make_pipelines, markdown_table, plot,
                                   run_pipeline, summarise)
-from rmoe_plugin.utils.known_warnings import KnownLogMessages, ignore_known_warnings
+from rmoe_plugin.utils.known_warnings import (KnownLogMessages, hide_known_prints,
+                                              ignore_known_warnings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPE = os.path.join(ROOT, 'configs', 'pipeline')
@@ -42,10 +44,13 @@ def parse_args():
 def make_data(root):
     imagenet = os.path.join(root, 'imagenet')
     ade = os.path.join(root, 'ade', 'ADEChallengeData2016')
+    start, made = time.perf_counter(), not (os.path.isdir(imagenet) and os.path.isdir(ade))
     if not os.path.isdir(imagenet):
-        make_imagenet(root, num_train=80, num_val=20, seed=0)
+        make_imagenet(root, num_train=80, num_val=20, seed=0, progress=False)
     if not os.path.isdir(ade):
-        make_ade20k(root, num_train=200, num_val=50, seed=1)
+        make_ade20k(root, num_train=200, num_val=50, seed=1, progress=False)
+    print(f'datasets {"written" if made else "reused"} in {root}: ImageNet layout (5 classes, '
+          f'80 + 20 images each), ADE20K layout (200 + 50) ({time.perf_counter() - start:.0f} s)')
 
     def roots(path):  # and the Runner's log kept to warnings: the demo prints its own lines
         return dict(log_level='WARNING', **{
@@ -76,10 +81,11 @@ def main():
     options = make_data(os.path.join(args.work_dir, 'data'))
     check_conversion()
     pipelines = make_pipelines(CONFIGS, *args.iters)
-    for seed in args.seeds:
-        for name in ('dense', 'rmoe_d', 'rmoe_i', 'moe'):
-            run_pipeline(name, pipelines[name], args.work_dir, seed, options,
-                         on_stage=print_stage, log_filter=KnownLogMessages())
+    with hide_known_prints():
+        for seed in args.seeds:
+            for name in ('dense', 'rmoe_d', 'rmoe_i', 'moe'):
+                run_pipeline(name, pipelines[name], args.work_dir, seed, options,
+                             on_stage=print_stage, log_filter=KnownLogMessages())
     rows = summarise(load_runs(args.work_dir), 'mIoU')
     table = markdown_table(rows, 'mIoU')
     plot(rows, 'mIoU', os.path.join(args.work_dir, 'pipelines.png'))

@@ -127,9 +127,10 @@ class RMoESwinMixin(RMoEBackboneMixin):
         logger.info(f'{type(self).__name__}: loaded a Swin checkpoint ({layout} layout) from '
                     f'{path}')
         if missing:
-            logger.warning(f'missing in checkpoint (kept their initialisation): {missing}')
+            logger.warning(f'{type(self).__name__}: missing in checkpoint (kept their initialisation): '
+                           f'{missing}')
         if unexpected:
-            logger.warning(f'unexpected in checkpoint (ignored): {unexpected}')
+            logger.warning(f'{type(self).__name__}: unexpected in checkpoint (ignored): {unexpected}')
 
 
 @MMSEG_MODELS.register_module(name='RMoESwinTransformer')

@@ -114,9 +114,13 @@ def ade20k_scene(rng: np.random.Generator, size: Tuple[int, int]):
     return image, label
 
 
+def _progress(items, show: bool):
+    return track_iter_progress(list(items)) if show else items
+
+
 def make_ade20k(root: str, num_train: int = 16, num_val: int = 8,
                 size: Tuple[int, int] = (128, 128), seed: int = 0,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, progress: bool = True) -> str:
     """Write a small ADE20K under ``root``; returns the ``data_root`` mmseg configs use."""
     data_root = os.path.join(root, 'ade', 'ADEChallengeData2016')
     rng = np.random.default_rng(seed)
@@ -125,7 +129,7 @@ def make_ade20k(root: str, num_train: int = 16, num_val: int = 8,
                                      ('validation', 'ADE_val', num_val)):
             for d in ('images', 'annotations'):
                 os.makedirs(os.path.join(tmp, d, split))
-            for i in track_iter_progress(range(1, count + 1)):
+            for i in _progress(range(1, count + 1), progress):
                 image, label = ade20k_scene(rng, size)
                 name = f'{prefix}_{i:08d}'
                 cv2.imwrite(os.path.join(tmp, 'images', split, name + '.jpg'), image,
@@ -178,7 +182,7 @@ def coco_image(rng: np.random.Generator, size: Tuple[int, int], image_id: int,
 
 def make_coco(root: str, num_train: int = 16, num_val: int = 8,
               size: Tuple[int, int] = (96, 128), seed: int = 0,
-              overwrite: bool = False) -> str:
+              overwrite: bool = False, progress: bool = True) -> str:
     """Write a small COCO 2017 under ``root``; returns the ``data_root`` mmdet configs use."""
     data_root = os.path.join(root, 'coco')
     rng = np.random.default_rng(seed)
@@ -189,7 +193,7 @@ def make_coco(root: str, num_train: int = 16, num_val: int = 8,
         for split, count in (('train2017', num_train), ('val2017', num_val)):
             os.makedirs(os.path.join(tmp, split))
             images, annotations = [], []
-            for _ in track_iter_progress(range(count)):
+            for _ in _progress(range(count), progress):
                 image, anns = coco_image(rng, size, image_id, ann_id)
                 file_name = f'{image_id:012d}.jpg'
                 cv2.imwrite(os.path.join(tmp, split, file_name), image,
@@ -219,7 +223,7 @@ def imagenet_image(rng: np.random.Generator, size: Tuple[int, int], name: str) -
 
 def make_imagenet(root: str, num_train: int = 40, num_val: int = 10,
                   size: Tuple[int, int] = (64, 64), seed: int = 0,
-                  overwrite: bool = False) -> str:
+                  overwrite: bool = False, progress: bool = True) -> str:
     """Write a small ImageNet-layout classification set (per-class folders) under ``root``.
 
     ``num_train`` and ``num_val`` are images per class. Returns the ``data_root``.
@@ -228,7 +232,7 @@ def make_imagenet(root: str, num_train: int = 40, num_val: int = 10,
     rng = np.random.default_rng(seed)
     with _fresh_folder(data_root, overwrite) as tmp:
         for split, count in (('train', num_train), ('val', num_val)):
-            for name in track_iter_progress(list(IMAGENET_CLASSES)):
+            for name in _progress(list(IMAGENET_CLASSES), progress):
                 folder = os.path.join(tmp, split, name.replace(' ', '_'))
                 os.makedirs(folder)
                 for i in range(count):

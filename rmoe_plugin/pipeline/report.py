@@ -81,8 +81,9 @@ def markdown_table(rows: List[dict], metric: str) -> str:
 def plot(rows: List[dict], metric: str, path: str):
     """Accuracy against training FLOPs, one point per pipeline (error bar: std over seeds).
 
-    The cost axis starts at zero and each point is labelled with its cost over dense, so
-    that a few percent more FLOPs look like a few percent.
+    The cost axis starts at zero and the legend gives each pipeline's cost over dense, so
+    that a few percent more FLOPs look like a few percent (points of equal cost overlap, so
+    the numbers go in the legend rather than beside them).
 
     Returns:
         matplotlib.figure.Figure: the figure written to ``path`` (already closed).
@@ -93,13 +94,12 @@ def plot(rows: List[dict], metric: str, path: str):
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for r in rows:
         x = r['train_flops'] / 1e9
-        ax.errorbar(x, r['metric'], yerr=r['metric_std'], fmt='o', capsize=4,
-                    label=LABELS.get(r['pipeline'], r['pipeline']))
+        label = LABELS.get(r['pipeline'], r['pipeline'])
         if 'vs_dense_flops' in r:
-            ax.annotate(f'{r["vs_dense_flops"]:+.1%}', (x, r['metric']), fontsize=7,
-                        textcoords='offset points', xytext=(6, 4))
+            label += f' ({r["vs_dense_flops"]:+.1%} FLOPs)'
+        ax.errorbar(x, r['metric'], yerr=r['metric_std'], fmt='o', capsize=4, label=label)
     ax.set_xlim(left=0, right=1.1 * max(r['train_flops'] for r in rows) / 1e9)
-    ax.set_xlabel('training cost (GFLOPs, all stages; labels: over dense)')
+    ax.set_xlabel('training cost (GFLOPs, all stages)')
     ax.set_ylabel(metric)
     ax.set_title('RMoE pipelines: accuracy against cost')
     ax.grid(alpha=0.3)
