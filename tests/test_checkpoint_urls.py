@@ -18,11 +18,11 @@ import threading
 import pytest
 import timm
 import torch
-from mmengine.config import Config, ConfigDict
-from mmengine.registry import DefaultScope
+from mmengine.config import Config
 from mmengine.runner import Runner
 from mmengine.runner import checkpoint as mmengine_checkpoint
 
+from openmmlab_helpers import build
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,12 +114,6 @@ def dense_of(model_cfg):
     dense.backbone.pop('moe_cfg')
     dense.type = dict(RMoEEncoderDecoder='EncoderDecoder', RMoEMaskRCNN='MaskRCNN')[dense.type]
     return dense
-
-
-def build(scope, cfg):
-    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return registry.build(ConfigDict(cfg))
 
 
 def images():

@@ -4,20 +4,18 @@
 tiny CvT (see ``fixtures/README.md``); the tests load its state dict the way a config does and
 compare stage by stage.
 """
-import logging
 import os
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config, ConfigDict
-from mmengine.logging import MMLogger
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 from mmengine.runner import Runner
 
+from openmmlab_helpers import build, logged_messages
 from rmoe_plugin import RMoEFFN, collect_moe_losses
 from rmoe_plugin.backbones import RMoECvT
 from rmoe_plugin.backbones.cvt import ARCH_KEYS, ARCH_SETTINGS, CvT, QuickGELU, resolve_arch
@@ -59,23 +57,7 @@ def loaded(reference, path, **kwargs) -> CvT:
     return model.eval()
 
 
-def build(scope: str, cfg: dict):
-    models = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return models.build(cfg)
 
-
-@contextmanager
-def logged_messages():
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def assert_maps_close(got, want):

@@ -1,16 +1,13 @@
 """One conversion for every backbone: ``RMoEBackbone`` over mmseg, mmpretrain and timm
 backbones, FFN selection, dense checkpoints through each backbone's own loading."""
 import copy
-import logging
-from contextlib import contextmanager
 
 import pytest
 import timm
 import torch
 from mmengine.config import ConfigDict
-from mmengine.logging import MMLogger
-from mmengine.registry import DefaultScope
 
+from openmmlab_helpers import build, logged_messages
 from rmoe_plugin import RMoEFFN, collect_moe_losses
 from rmoe_plugin.backbones import (RMoEBackboneMixin, RMoECvT, RMoESwinTransformer, find_ffns,
                                    resolve_moe_blocks)
@@ -39,12 +36,6 @@ KINDS = {
     'timm-ViT-from-mmseg': ('mmseg', dict(type='mmpretrain.TIMMBackbone', **TIMM_VIT),
                             ['timm_model.blocks.1.mlp', 'timm_model.blocks.3.mlp']),
 }
-
-
-def build(scope, cfg):
-    models = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return models.build(cfg)
 
 
 def rmoe_cfg(dense_cfg, **kwargs):
@@ -79,17 +70,7 @@ def perturbed_dense(scope, cfg):
     return dense
 
 
-@contextmanager
-def logged():
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
+
 
 
 @pytest.mark.parametrize('kind', sorted(KINDS))
@@ -101,7 +82,7 @@ def test_rmoe_equals_dense_after_loading_a_dense_checkpoint(kind, tmp_path):
     rmoe = build(scope, rmoe_cfg(cfg, init_cfg=dict(type='Pretrained', checkpoint=path)))
     assert isinstance(rmoe, type(dense)) and isinstance(rmoe, RMoEBackboneMixin)
     assert rmoe.moe_layer_names == expected_layers
-    with logged() as messages:
+    with logged_messages() as messages:
         rmoe.init_weights()
     assert any("2 took the checkpoint's dense FFNs as their cores" in m for m in messages)
     for name, layer in zip(rmoe.moe_layer_names, rmoe.moe_layers()):
@@ -132,7 +113,7 @@ def test_timm_checkpoint_given_to_timm_loads_before_the_conversion(tmp_path):
 def test_without_a_checkpoint_layers_start_fresh_and_are_logged():
     scope, cfg, _ = KINDS['mmseg-BEiT']
     rmoe = build(scope, rmoe_cfg(cfg))
-    with logged() as messages:
+    with logged_messages() as messages:
         rmoe.init_weights()
     assert any('2 start fresh' in m and 'layers.1.ffn' in m for m in messages)
     experts = rmoe.moe_layers()[0].moe.experts

@@ -5,8 +5,8 @@ import timm
 import torch
 from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
-from mmengine.registry import DefaultScope
 
+from openmmlab_helpers import build
 from rmoe_plugin import RMoEFFN, collect_moe_losses
 from rmoe_plugin.backbones import resolve_moe_blocks
 
@@ -16,13 +16,6 @@ SMALL_SWIN = dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), wi
 
 def pretrained(path):
     return ConfigDict(type='Pretrained', checkpoint=path)
-
-
-def build(scope, cfg):
-    registry = {'mmseg': 'mmseg.registry', 'mmdet': 'mmdet.registry'}[scope]
-    models = __import__(registry, fromlist=['MODELS']).MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return models.build(cfg)
 
 
 def images(n=2, size=64):
