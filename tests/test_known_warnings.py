@@ -11,6 +11,7 @@ from mmengine.fileio.file_client import HardDiskBackend
 from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 
+from openmmlab_helpers import logged_messages
 import rmoe_plugin  # noqa: F401  (registers the RMoE modules)
 from rmoe_plugin.utils.known_warnings import (KNOWN_WARNINGS, KnownLogMessages,
                                               hide_known_prints, ignore_known_warnings)
@@ -120,17 +121,15 @@ def swin_warnings(tmp_path, checkpoint_out_indices, drop_prefix=None, logger_fil
                                  init_cfg=dict(type='Pretrained', checkpoint=path)))
     MMLogger.get_instance('known-swin-messages-test')  # the current logger
     logger = MMLogger.get_current_instance()
-    records = Records()
-    logger.addHandler(records)
     if logger_filter:
         logger.addFilter(logger_filter)
     try:
-        rmoe.init_weights()
+        with logged_messages() as messages:
+            rmoe.init_weights()
     finally:
-        logger.removeHandler(records)
         if logger_filter:
             logger.removeFilter(logger_filter)
-    return [m for m in records.messages if ' in checkpoint (' in m]
+    return [m for m in messages if ' in checkpoint (' in m]
 
 
 def test_only_the_missing_output_norms_of_a_classifier_backbone_are_known(tmp_path):

@@ -1,12 +1,9 @@
-import logging
-
 import pytest
 import timm
 import torch
 from mmengine.config import ConfigDict
-from mmengine.logging import MMLogger
 
-from openmmlab_helpers import build
+from openmmlab_helpers import build, logged_messages
 from rmoe_plugin import RMoEFFN, collect_moe_losses
 from rmoe_plugin.backbones import resolve_moe_blocks
 
@@ -92,16 +89,11 @@ def test_timm_and_official_checkpoints_load_like_mmdet_converts_them(layout, tmp
                                moe_cfg=dict(num_experts=2),
                                init_cfg=pretrained(path)))
     capsys.readouterr()
-    records = Records()
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(records)
-    try:
+    with logged_messages() as messages:
         rmoe.init_weights()
-    finally:
-        logger.removeHandler(records)
     # timm stores no relative_position_index / attn_mask buffers (Swin derives them): neither
     # the upstream loader (it prints) nor ours (it logs) may call them missing.
-    reported = '\n'.join([capsys.readouterr().out, *records.messages])
+    reported = '\n'.join([capsys.readouterr().out, *messages])
     for buffer in ('relative_position_index', 'attn_mask', 'relative_coords_table'):
         assert buffer not in reported
     # What a classifier checkpoint really lacks is still named: the per-stage output norms.
@@ -115,29 +107,15 @@ def test_timm_and_official_checkpoints_load_like_mmdet_converts_them(layout, tmp
             torch.testing.assert_close(got, want)
 
 
-class Records(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_missing_and_unexpected_keys_are_reported_by_name(tmp_path):
     def with_extra(sd):
         sd = dict(sd)
         sd['stages.0.blocks.0.mystery.weight'] = torch.zeros(1)
         del sd['norm3.weight']
         return sd
-    records = Records()
-    logger = MMLogger.get_current_instance()
-    logger.addHandler(records)
-    try:
+    with logged_messages() as messages:
         dense_and_rmoe('mmseg', tmp_path, with_extra)
-    finally:
-        logger.removeHandler(records)
-    out = '\n'.join(records.messages)
+    out = '\n'.join(messages)
     assert 'stages.0.blocks.0.mystery.weight' in out and 'norm3.weight' in out
     assert "2 RMoE layers (4 experts): stages.2.blocks.1.ffn, stages.3.blocks.1.ffn; 2 took " \
         "the checkpoint's dense FFNs as their cores" in out
