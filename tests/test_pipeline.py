@@ -79,7 +79,8 @@ def test_report_relates_every_pipeline_to_dense_and_moe(tmp_path):
     left, right = ax.get_xlim()
     assert left == 0 and right >= 251  # the cost axis from zero, MoE's 251 GFLOPs inside it
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        'dense (lower bound) (+0.0% FLOPs)', 'RMoE-I (+3.3% FLOPs)', 'MoE (upper bound) (+67.3% FLOPs)']
+        'dense (lower bound) (+0.0% FLOPs)', 'RMoE-I (+3.3% FLOPs)',
+        'MoE (upper bound) (+67.3% FLOPs)']
     with pytest.raises(FileNotFoundError, match='no finished pipeline'):
         load_runs(str(tmp_path / 'nothing'))
 

@@ -17,7 +17,7 @@ import torch
 import rmoe_plugin  # noqa: F401
 from rmoe_plugin.datasets import make_ade20k, make_imagenet
 from rmoe_plugin.fileio import atomic_write
-from rmoe_plugin.pipeline import (format_stage, load_runs, make_pipelines, markdown_table, plot,
+from rmoe_plugin.pipeline import (load_runs, make_pipelines, markdown_table, plot, print_stage,
                                   run_pipeline, summarise)
 from rmoe_plugin.utils.known_warnings import (KnownLogMessages, hide_known_prints,
                                               ignore_known_warnings)
@@ -68,10 +68,6 @@ def check_conversion():
     x = torch.randn(4, 100, 64)
     diff = (rmoe(x) - dense(x)).abs().max().item()
     print(f'dense FFN -> RMoE layer (8 experts = core + residual): max |difference| {diff:.1e}')
-
-
-def print_stage(*stage):
-    print(format_stage(*stage), flush=True)
 
 
 def main():

@@ -12,7 +12,7 @@ import argparse
 from mmengine.config import DictAction
 
 import rmoe_plugin  # noqa: F401
-from rmoe_plugin.pipeline import format_stage, make_pipelines, run_pipeline
+from rmoe_plugin.pipeline import make_pipelines, print_stage, run_pipeline
 from rmoe_plugin.utils.known_warnings import KnownLogMessages, ignore_known_warnings
 
 
@@ -28,10 +28,6 @@ def parse_args():
     p.add_argument('--cfg-options-cls', nargs='+', action=DictAction, default={})
     p.add_argument('--cfg-options-seg', nargs='+', action=DictAction, default={})
     return p.parse_args()
-
-
-def print_stage(*stage):
-    print(format_stage(*stage), flush=True)
 
 
 def main():

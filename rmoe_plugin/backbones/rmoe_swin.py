@@ -123,14 +123,13 @@ class RMoESwinMixin(RMoEBackboneMixin):
         missing = sorted(k for k in fresh if not is_swin_derived_buffer(k)
                          and '.moe.router.' not in k and '.moe.experts.residual_' not in k)
         unexpected = sorted(k for k in set(given) - own if not is_swin_derived_buffer(k))
-        logger = MMLogger.get_current_instance()
-        logger.info(f'{type(self).__name__}: loaded a Swin checkpoint ({layout} layout) from '
-                    f'{path}')
+        logger, backbone = MMLogger.get_current_instance(), type(self).__name__
+        logger.info(f'{backbone}: loaded a Swin checkpoint ({layout} layout) from {path}')
         if missing:
-            logger.warning(f'{type(self).__name__}: missing in checkpoint (kept their initialisation): '
+            logger.warning(f'{backbone}: missing in checkpoint (kept their initialisation): '
                            f'{missing}')
         if unexpected:
-            logger.warning(f'{type(self).__name__}: unexpected in checkpoint (ignored): {unexpected}')
+            logger.warning(f'{backbone}: unexpected in checkpoint (ignored): {unexpected}')
 
 
 @MMSEG_MODELS.register_module(name='RMoESwinTransformer')

@@ -141,6 +141,11 @@ def format_stage(pipeline: str, seed: int, result: StageResult, reused: bool,
     return f'seed {seed}  {pipeline:7s} {result.name:12s} {took:28s} {metric}'.rstrip()
 
 
+def print_stage(*stage) -> None:
+    """An ``on_stage`` for command lines: :func:`format_stage`'s line, at once."""
+    print(format_stage(*stage), flush=True)
+
+
 def run_pipeline(name: str, stages: List[Stage], root: str, seed: int,
                  options: Dict[str, Dict], on_stage: Optional[StageCallback] = None,
                  log_filter: Optional[logging.Filter] = None) -> Dict:
