@@ -1,7 +1,8 @@
 """The MoE layer's hot path: non-finite tokens stay isolated, no host waits, low precision,
-torch.compile, and what the backward keeps alive."""
+and what the backward keeps alive (torch.compile: test_moe_compile.py)."""
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rmoe_plugin.moe import MoEFeedForward
@@ -58,9 +59,8 @@ def test_a_dropped_token_reads_nothing_of_the_first_kept_row(backend):
 
 
 class HostSyncCounter(TorchDispatchMode):
-    """Counts the ops that make the host wait for a device: reading a value (``.item()``;
-    ``.tolist()`` and ``.numpy()``, which bypass the dispatcher, are counted by
-    ``count_host_reads``) and ops whose output size depends on the data."""
+    """Counts the ops that make the host wait for a device: reading a value (``.item()``)
+    and ops whose output size depends on the data."""
     SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default,
                aten.masked_select.default, aten.bincount.default, aten.unique_dim.default,
                aten._unique2.default, aten.repeat_interleave.Tensor}
@@ -78,46 +78,56 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.fixture
-def count_host_reads(monkeypatch):
-    """Counts ``Tensor.tolist`` and ``Tensor.numpy`` calls into the returned list."""
-    calls = []
-    for name in ('tolist', 'numpy'):
-        original = getattr(torch.Tensor, name)
+class HostTransfers(TorchFunctionMode):
+    """Counts what brings a tensor's values to the host in the layer's own code: reads
+    (``tolist``, ``numpy``, ``item``, ``int()``, ``bool()``, which bypass the dispatcher) and
+    copies to the CPU (``cpu()``, ``to('cpu')``), counted on the CPU too, where they cost
+    nothing. A custom op's body is as opaque to it as to torch.compile: the loop's expert op
+    reads the group sizes that the layer copied to the host."""
+    READS = {'tolist', 'numpy', 'item', '__int__', '__index__', '__bool__', '__float__', 'cpu'}
 
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, '__name__', '')
+        to_cpu = name == 'to' and 'cpu' in map(str, [*args[1:], kwargs.get('device')])
+        if name in self.READS or to_cpu:
+            self.calls.append(name)
+        return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize('backend,allowed', [('grouped_mm', 0), ('loop', 1)])
+@pytest.mark.parametrize('backend,transfers', [('grouped_mm', []), ('loop', ['cpu'])])
 @pytest.mark.parametrize('top_k,capacity_factor', [(1, 1.0), (2, 1.25), (2, None)])
-def test_host_synchronisations_per_training_step(backend, allowed, top_k, capacity_factor,
-                                                 count_host_reads):
+def test_host_synchronisations_per_training_step(backend, transfers, top_k, capacity_factor):
     layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, expert_backend=backend,
                        importance_loss_weight=0.01, balance_loss_weight=0.01,
                        z_loss_weight=0.001, router_noise_std=0.1)
     x = torch.randn(4, 16, 8, requires_grad=True)
-    with HostSyncCounter() as counter:
+    with HostSyncCounter() as counter, HostTransfers() as host:
         out = layer(x)
         loss = out.square().mean() + sum(layer.last_losses.values())
         loss.backward()
-    assert len(counter.ops + count_host_reads) == allowed, counter.ops + count_host_reads
+    assert counter.ops == [] and host.calls == transfers, (counter.ops, host.calls)
     assert layer.router.weight.grad.abs().sum() > 0
 
 
-def test_the_counters_see_the_syncs_they_are_meant_to_catch(count_host_reads):
+def test_the_counters_see_the_syncs_they_are_meant_to_catch():
     t = torch.tensor([0, 2, 1])
-    with HostSyncCounter() as counter:
+    with HostSyncCounter() as counter, HostTransfers() as host:
         t.tolist()
         t[1].item()
         t[t > 0]
         torch.bincount(t)
         t.nonzero()
+        t.cpu()
+        t.to(device='cpu')
+        int(t[0])
     assert counter.ops == ['_local_scalar_dense.default', 'index.Tensor', 'bincount.default',
-                           'nonzero.default'] and count_host_reads == ['tolist']
+                           'nonzero.default', '_local_scalar_dense.default']
+    assert host.calls == ['tolist', 'item', 'cpu', 'to', '__int__']
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -171,26 +181,6 @@ def test_backends_agree(dtype):
             torch.testing.assert_close(a, b)
         else:  # bf16: 8 mantissa bits, and the two kernels round at different steps
             assert ((a - b).float().norm() / b.float().norm()).item() < 2e-2
-
-
-@pytest.mark.parametrize('top_k,capacity_factor', [(1, 1.0), (2, None)])
-def test_compiles_without_a_graph_break(top_k, capacity_factor):
-    # bf16: torch 2.9's shape function for the grouped GEMM accepts nothing else
-    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor,
-                       expert_backend='grouped_mm', balance_loss_weight=0.01).bfloat16()
-    x = torch.randn(2, 24, 8, dtype=torch.bfloat16, requires_grad=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
-
-    def step(module):
-        x.grad = None
-        layer.zero_grad()
-        out = module(x)
-        (out.square().sum() + sum(layer.last_losses.values())).backward()
-        return [out.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
-
-    for got, want in zip(step(compiled), step(layer)):
-        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

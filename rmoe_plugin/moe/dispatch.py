@@ -5,7 +5,7 @@ of its expert, so the experts run as a grouped matmul over contiguous slices. No
 reads a tensor's values on the host: the plan's sizes depend on S and k only.
 """
 import math
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -52,9 +52,10 @@ class DispatchPlan(NamedTuple):
         position[self.order] = self.sorted_position
         return position.view(self.row.shape)
 
-    def group_sizes(self) -> List[int]:
-        """Rows per expert, then the dropped rows, on the host (one device-to-host copy)."""
-        return torch.cat([self.tokens_per_expert, self.num_dropped[None]]).tolist()
+    def group_sizes(self) -> torch.Tensor:
+        """Rows per expert, then the dropped rows, shape (E + 1,), copied to the host (on a
+        GPU, the one point where the host waits for the device)."""
+        return torch.cat([self.tokens_per_expert, self.num_dropped[None]]).cpu()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,

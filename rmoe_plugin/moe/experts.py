@@ -89,15 +89,15 @@ class ResidualExperts(nn.Module):
         return [w.mean(0) for w, _ in pairs], [b.mean(0) for _, b in pairs]
 
     def forward(self, x: torch.Tensor, group_end: torch.Tensor, row_expert: torch.Tensor,
-                sizes: Optional[List[int]] = None, backend: str = 'grouped_mm') -> torch.Tensor:
+                sizes: Optional[torch.Tensor] = None, backend: str = 'grouped_mm') -> torch.Tensor:
         """Run every row of ``x`` through its expert; rows come grouped by expert.
 
         Args:
             x (Tensor): shape (N, D), in the dtype to compute in.
             group_end (Tensor): int32 end of each expert's rows, shape (E,).
             row_expert (Tensor): expert of each row, E for a dropped row, shape (N,).
-            sizes (list[int], optional): rows per expert and the dropped rows, on the host
-                (the ``'loop'`` backend only).
+            sizes (Tensor, optional): rows per expert and the dropped rows, shape (E + 1,),
+                on the host (the ``'loop'`` backend only).
             backend (str): ``'grouped_mm'`` or ``'loop'`` (see :mod:`.grouped_linear`).
 
         Returns:

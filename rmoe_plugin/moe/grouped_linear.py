@@ -12,9 +12,12 @@ Two kernels compute the same thing:
   ``torch._grouped_mm`` before), fed only device tensors, so it never waits for the host. Its
   fast kernel is bf16 on sm90/sm100; elsewhere torch falls back to a loop of its own.
 - ``'loop'``: one matmul per expert on its slice of rows, which needs the group sizes on the
-  host (the caller reads them once per layer forward).
+  host (the caller copies them there once per layer forward).
+
+Both run inside custom ops (``torch.ops.rmoe.residual_grouped_linear`` and its backward), which
+``torch.compile`` calls as they are: no graph break, and routing never recompiles.
 """
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +37,9 @@ def has_fast_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch's grouped GEMM runs its own kernel here (not its host-synchronising loop)."""
     if _grouped_mm is None or device.type != 'cuda' or dtype != torch.bfloat16:
         return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    # get_device_properties, which torch.compile folds to a constant (get_device_capability
+    # it does not)
+    return torch.cuda.get_device_properties(device).major in (9, 10)
 
 
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -100,40 +105,65 @@ def _loop_backward(grad_y, x, core_w, res_w, sizes):
     return grad_x, grad_w, grad_b
 
 
-class ResidualGroupedLinear(torch.autograd.Function):
-    """Autograd of the expert projection that saves only its input, never merged weights."""
+# The projection and its backward are custom ops: torch.compile sees each as one opaque call
+# of known output shape, so the loop's host read of the group sizes happens inside them and
+# never reaches the compiled code as Python ints (which would recompile at every new routing).
+@torch.library.custom_op('rmoe::residual_grouped_linear', mutates_args=())
+def _projection(x: Tensor, core_w: Tensor, res_w: Tensor, core_b: Tensor, res_b: Tensor,
+                group_end: Tensor, row_expert: Tensor, sizes: Optional[Tensor],
+                backend: str) -> Tensor:
+    if backend == 'loop':
+        return _loop_forward(x, core_w, res_w, core_b, res_b, sizes.tolist())
+    return _grouped_forward(x, core_w, res_w, core_b, res_b, group_end, row_expert)
 
-    @staticmethod
-    def forward(ctx, x, core_w, res_w, core_b, res_b, group_end, row_expert, sizes, backend):
-        if backend == 'loop':
-            y = _loop_forward(x, core_w, res_w, core_b, res_b, sizes)
-        else:
-            y = _grouped_forward(x, core_w, res_w, core_b, res_b, group_end, row_expert)
-        ctx.save_for_backward(x, core_w, res_w, group_end, row_expert)
-        ctx.sizes, ctx.backend = sizes, backend
-        return y
 
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, core_w, res_w, group_end, row_expert = ctx.saved_tensors
-        grad_y = grad_y.contiguous()
-        if ctx.backend == 'loop':
-            grad_x, grad_w, grad_b = _loop_backward(grad_y, x, core_w, res_w, ctx.sizes)
-        else:
-            grad_x, grad_w, grad_b = _grouped_backward(grad_y, x, core_w, res_w, group_end,
-                                                       row_expert)
-        need = ctx.needs_input_grad
-        grad_core_w = torch.sum(grad_w, 0, dtype=torch.float32).to(core_w.dtype) \
-            if need[1] else None
-        grad_core_b = grad_b.sum(0).to(core_w.dtype) if need[3] else None
-        return (grad_x if need[0] else None, grad_core_w,
-                grad_w.to(res_w.dtype) if need[2] else None, grad_core_b,
-                grad_b.to(res_w.dtype) if need[4] else None, None, None, None, None)
+@_projection.register_fake
+def _projection_fake(x, core_w, res_w, core_b, res_b, group_end, row_expert, sizes, backend):
+    return x.new_empty(x.shape[0], core_w.shape[0])
+
+
+@torch.library.custom_op('rmoe::residual_grouped_linear_backward', mutates_args=())
+def _projection_backward(grad_y: Tensor, x: Tensor, core_w: Tensor, res_w: Tensor,
+                         group_end: Tensor, row_expert: Tensor, sizes: Optional[Tensor],
+                         backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the input, of every expert's weight and (fp32) of its bias."""
+    if backend == 'loop':
+        return _loop_backward(grad_y, x, core_w, res_w, sizes.tolist())
+    return _grouped_backward(grad_y, x, core_w, res_w, group_end, row_expert)
+
+
+@_projection_backward.register_fake
+def _projection_backward_fake(grad_y, x, core_w, res_w, group_end, row_expert, sizes, backend):
+    return (torch.empty_like(x), grad_y.new_empty(res_w.shape),
+            grad_y.new_empty(res_w.shape[:2], dtype=torch.float32))
+
+
+def _save_input(ctx, inputs, output):
+    """Saves only the projection's input, never merged weights."""
+    x, core_w, res_w, _, _, group_end, row_expert, sizes, backend = inputs
+    ctx.save_for_backward(x, core_w, res_w, group_end, row_expert, sizes)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_y):
+    x, core_w, res_w, group_end, row_expert, sizes = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _projection_backward(grad_y.contiguous(), x, core_w, res_w,
+                                                  group_end, row_expert, sizes, ctx.backend)
+    need = ctx.needs_input_grad
+    grad_core_w = torch.sum(grad_w, 0, dtype=torch.float32).to(core_w.dtype) \
+        if need[1] else None
+    grad_core_b = grad_b.sum(0).to(core_w.dtype) if need[3] else None
+    return (grad_x if need[0] else None, grad_core_w,
+            grad_w.to(res_w.dtype) if need[2] else None, grad_core_b,
+            grad_b.to(res_w.dtype) if need[4] else None, None, None, None, None)
+
+
+_projection.register_autograd(_backward, setup_context=_save_input)
 
 
 def _traceable_forward(x, core_w, res_w, core_b, res_b, sizes):
     """The loop as plain differentiable ops: what ``torch.jit`` tracers (mmengine's FLOP
-    counter among them) record, since an ``autograd.Function`` is opaque to them."""
+    counter among them) record, since a custom op is opaque to them."""
     chunks = x.split(sizes)
     out = [F.linear(chunk, core_w + res_w[e], core_b + res_b[e])
            for e, chunk in enumerate(chunks[:-1])]
@@ -142,7 +172,7 @@ def _traceable_forward(x, core_w, res_w, core_b, res_b, sizes):
 
 def residual_grouped_linear(x: Tensor, core_weight: Tensor, residual_weight: Tensor,
                             core_bias: Tensor, residual_bias: Tensor, group_end: Tensor,
-                            row_expert: Tensor, sizes: Optional[List[int]],
+                            row_expert: Tensor, sizes: Optional[Tensor],
                             backend: str) -> Tensor:
     """Apply expert ``row_expert[r]``'s projection to every row ``r`` of ``x``.
 
@@ -153,8 +183,8 @@ def residual_grouped_linear(x: Tensor, core_weight: Tensor, residual_weight: Ten
         core_bias (Tensor): shape (out,). residual_bias (Tensor): shape (E, out).
         group_end (Tensor): int32 cumulative row counts per expert, shape (E,).
         row_expert (Tensor): expert of each row, E for a dropped row, shape (N,).
-        sizes (list[int], optional): rows per expert, then the dropped rows, on the host;
-            needed by ``'loop'`` only.
+        sizes (Tensor, optional): rows per expert, then the dropped rows, shape (E + 1,), on
+            the host (see ``DispatchPlan.group_sizes``); needed by ``'loop'`` only.
         backend (str): ``'grouped_mm'`` or ``'loop'``.
 
     Returns:
@@ -162,6 +192,6 @@ def residual_grouped_linear(x: Tensor, core_weight: Tensor, residual_weight: Ten
     """
     if torch.jit.is_tracing():
         return _traceable_forward(x, core_weight, residual_weight, core_bias, residual_bias,
-                                  sizes)
-    return ResidualGroupedLinear.apply(x, core_weight, residual_weight, core_bias,
-                                       residual_bias, group_end, row_expert, sizes, backend)
+                                  sizes.tolist())
+    return _projection(x, core_weight, residual_weight, core_bias, residual_bias, group_end,
+                       row_expert, sizes, backend)

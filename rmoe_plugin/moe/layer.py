@@ -150,7 +150,7 @@ class MoEFeedForward(nn.Module):
         backend = choose_backend(self.expert_backend, tokens.device, dtype)
         if torch.jit.is_tracing():  # tracers see the loop's matmuls (see grouped_linear)
             backend = 'loop'
-        sizes = plan.group_sizes() if backend == 'loop' else None  # the one host sync
+        sizes = plan.group_sizes() if backend == 'loop' else None  # the one copy to the host
         expert_in = tokens.to(dtype).index_select(0, plan.token_index)
         with torch.autocast(tokens.device.type, enabled=False):
             expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
