@@ -11,7 +11,9 @@ from openmmlab_helpers import build, logged_messages
 from rmoe_plugin import RMoEFFN, collect_moe_losses
 from rmoe_plugin.backbones import (RMoEBackboneMixin, RMoECvT, RMoESwinTransformer, find_ffns,
                                    resolve_moe_blocks)
+from rmoe_plugin.backbones.checkpointing import CheckpointWithoutReentryMixin
 from rmoe_plugin.models import is_dense_ffn
+from rmoe_plugin.utils import PeakMemory
 
 TINY_VIT = dict(img_size=(32, 32), patch_size=8, embed_dims=16, num_layers=4, num_heads=2,
                 mlp_ratio=2, out_indices=(1, 3))
@@ -191,9 +193,97 @@ def test_unknown_or_rmoe_backbone_type_is_refused_by_name():
         build('mmseg', dict(type='RMoEBackbone', backbone_type='RMoESwinTransformer'))
 
 
-def test_reentrant_with_cp_is_refused_since_the_balance_loss_would_lose_its_gradient():
-    with pytest.raises(ValueError, match='with_cp=True: layers.1'):
-        build('mmseg', rmoe_cfg(dict(KINDS['mmseg-ViT'][1], with_cp=True)))
+# -------------------------------------------------------------------- activation checkpointing
+
+def train_step(model, x):
+    """Gradients of a training step whose loss holds the outputs and the balance losses."""
+    model.train()
+    outs = model(x)
+    outs = outs if isinstance(outs, (tuple, list)) else (outs, )
+    balance = sum(collect_moe_losses(model).values())  # none in a dense model
+    (sum(o.float().square().mean() for o in outs) + balance).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def plain_and_checkpointed(kind, switch_on=lambda m: None, **cfg_args):
+    """The RMoE backbone of ``kind``, and a copy with activation checkpointing on, through
+    ``with_cp=True`` unless ``switch_on`` turns it on."""
+    scope, cfg, _ = KINDS[kind]
+    cfg = dict(cfg, **cfg_args)
+    moe = dict(num_experts=4, importance_loss_weight=1.0, residual_init_std=0.02)
+    plain = build(scope, rmoe_cfg(cfg, moe_cfg=moe))
+    plain.init_weights()
+    with_cp = {} if switch_on(None) is False else dict(with_cp=True)
+    checkpointed = build(scope, rmoe_cfg(dict(cfg, **with_cp), moe_cfg=moe))
+    checkpointed.load_state_dict(plain.state_dict())
+    switch_on(checkpointed)
+    return plain, checkpointed
+
+
+def timm_grad_checkpointing(model):
+    if model is None:
+        return False  # not through with_cp
+    model.timm_model.set_grad_checkpointing(True)
+
+
+def count_forwards(layers):
+    """Calls of ``layers`` (counted on entry: a recomputation stops once it has recomputed
+    what the backward needs, which may be inside the layer)."""
+    calls = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize('kind,switch_on', [
+    ('mmseg-ViT', None), ('mmseg-BEiT', None), ('mmpretrain-ViT', None),
+    ('mmpretrain-BEiT', None), ('timm-ViT', None), ('timm-ViT', timm_grad_checkpointing)],
+    ids=['mmseg-ViT', 'mmseg-BEiT', 'mmpretrain-ViT', 'mmpretrain-BEiT', 'timm-ViT',
+         'timm-set_grad_checkpointing'])
+def test_checkpointed_moe_blocks_recompute_and_give_the_same_gradients(kind, switch_on):
+    plain, checkpointed = plain_and_checkpointed(kind, switch_on or (lambda m: None))
+    forwards = count_forwards(checkpointed.moe_layers())
+    x = images()
+    want, got = train_step(plain, x), train_step(checkpointed, x)
+    assert len(forwards) == 2 * len(checkpointed.moe_layers())  # each recomputed once
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert all(layer.moe.router.weight.grad.abs().sum() > 0
+               for layer in checkpointed.moe_layers())
+
+
+def test_with_cp_of_the_upstream_backbone_stays_its_own_flag():
+    _, vit = plain_and_checkpointed('mmseg-ViT')
+    blocks = [vit.get_submodule(name.rpartition('.')[0]) for name in vit.moe_layer_names]
+    assert all(isinstance(b, CheckpointWithoutReentryMixin) and b.with_cp for b in blocks)
+    dense_block = vit.layers[0]  # keeps the upstream (re-entrant) checkpointing
+    assert dense_block.with_cp and not isinstance(dense_block, CheckpointWithoutReentryMixin)
+    blocks[0].with_cp = False  # switches it off, as upstream
+    calls = count_forwards([vit.moe_layers()[0]])
+    train_step(vit, images())
+    assert len(calls) == 1
+
+
+def peak_training_memory(model, x):
+    train_step(model, x)
+    model.zero_grad(set_to_none=True)
+    with PeakMemory() as memory:
+        train_step(model, x)
+    return memory.peak
+
+
+@pytest.mark.parametrize('kind', ['mmseg-ViT', 'mmseg-BEiT', 'mmpretrain-ViT', 'timm-ViT'])
+def test_with_cp_saves_activation_memory(kind):
+    size = dict(img_size=64 if 'mmseg' not in kind else (64, 64), patch_size=4)
+    x = torch.randn(2, 3, 64, 64)
+    peaks = [peak_training_memory(m, x) for m in plain_and_checkpointed(kind, **size)]
+    assert peaks[1] < 0.8 * peaks[0], peaks
+    if kind == 'mmseg-ViT':  # the only one with a with_cp of its own: RMoE saves what it saves
+        scope, cfg, _ = KINDS[kind]
+        dense = [peak_training_memory(build(scope, dict(cfg, **size, with_cp=on)), x)
+                 for on in (False, True)]
+        assert peaks[0] - peaks[1] >= 0.95 * (dense[0] - dense[1]), (peaks, dense)
 
 
 def test_mmcv_ffn_and_timm_mlp_are_recognised_attention_is_not():

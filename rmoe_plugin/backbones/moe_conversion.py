@@ -17,9 +17,17 @@ except inside the replaced FFNs.
 interpolations); the dense FFN weights it loads become the experts' cores through
 ``RMoEFFN``'s state-dict hook. Layers it loaded nothing into start fresh, and one log line says
 which layers got what.
+
+Under ``with_cp=True`` the blocks that hold an RMoE layer checkpoint without re-entry, so the
+balance losses keep their gradient (:mod:`.checkpointing`); a backbone without a ``with_cp`` of
+its own gets one. The classes made at build time (an RMoE backbone, its checkpointed blocks)
+are found in this module by their qualified names, so whole models pickle.
 """
 import fnmatch
+import importlib
+import inspect
 import os
+import re
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +43,7 @@ from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
 from ..engine.convert import backbone_state_dict
 from ..models.dense_ffn import is_dense_ffn
 from ..models.ffn import RMoEFFN
+from .checkpointing import CheckpointWithoutReentryMixin, checkpointing_module
 
 MoEBlocks = Union[None, str, Sequence[Sequence[int]], Sequence[str]]
 MOE_BLOCKS_FORMS = ("None (every other block, the odd ones, of the last two block lists), "
@@ -160,19 +169,30 @@ def _match_patterns(backbone: nn.Module, sites: List[FFNSite],
     return sorted(selected, key=sites.index)
 
 
-def _refuse_reentrant_checkpointing(backbone: nn.Module, sites: Sequence[FFNSite]) -> None:
+def _without_reentry(block: nn.Module) -> None:
+    if not isinstance(block, CheckpointWithoutReentryMixin):
+        block.__class__ = derived_class('RMoEBlock', type(block))
+
+
+def checkpoint_without_reentry(backbone: nn.Module, sites: Sequence[FFNSite]) -> None:
+    """Make each block that checkpoints one of ``sites`` under its ``with_cp`` do so without
+    re-entry (see :mod:`.checkpointing`), so that the balance losses of the RMoE layers keep
+    their gradient."""
     for site in sites:
-        parts = site.path.split('.')
-        for i in reversed(range(len(parts))):  # the layer that checkpoints, else its owner
-            path = '.'.join(parts[:i])
-            module = backbone.get_submodule(path)
-            if getattr(module, 'with_cp', False) is True:
-                raise ValueError(
-                    f'with_cp=True: {path or type(backbone).__name__} '
-                    f'({type(module).__name__}) checkpoints its blocks with re-entry, which '
-                    'runs the MoE layers without grad and leaves their balance loss no '
-                    'gradient; set with_cp=False (RMoESwinTransformer and RMoECvT checkpoint '
-                    'without re-entry)')
+        path = checkpointing_module(backbone, site.path)
+        if path is not None:
+            _without_reentry(backbone.get_submodule(path))
+
+
+def checkpoint_blocks(backbone: nn.Module, with_cp: bool) -> None:
+    """Give every block holding an FFN (the entry of a block list that holds it) a
+    ``with_cp`` flag that checkpoints it without re-entry: activation checkpointing for a
+    backbone that has none of its own."""
+    for site, _ in find_ffns(backbone):
+        if site.group != site.path:  # in a block list
+            block = backbone.get_submodule(f'{site.group}.{site.index}')
+            block.with_cp = with_cp
+            _without_reentry(block)
 
 
 def convert_ffns(backbone: nn.Module, sites: Sequence[FFNSite],
@@ -209,18 +229,30 @@ class RMoEBackboneMixin:
             odd ones, of the last two block lists), ``'all'``, ``'none'``, block indices per
             block list (``[[], [], [1, 3, 5], [1]]`` for a Swin), or FFN path patterns
             (``['layers.1[13579].ffn', 'layers.2[13].ffn']``).
+        with_cp (bool): activation checkpointing. A backbone with a ``with_cp`` argument of
+            its own (mmseg's ViT and Swin, CvT) takes it, and its blocks that hold an RMoE
+            layer checkpoint without re-entry, so their balance losses keep their gradient;
+            for one without (mmseg's BEiT, mmpretrain's ViT and BEiT, ``TIMMBackbone``) every
+            block that holds an FFN checkpoints without re-entry. Default: the backbone's own
+            default, else False.
     """
     # Whether the class's own with_cp checkpoints without re-entry (the balance loss keeps
-    # its gradient); the OpenMMLab layers' with_cp does not.
+    # its gradient); the OpenMMLab layers' with_cp does not, and their blocks that hold an
+    # RMoE layer are made to.
     checkpoints_without_reentry = False
 
     def __init__(self, *args, moe_cfg: Optional[dict] = None, moe_blocks: MoEBlocks = None,
                  **kwargs):
+        own_with_cp = None
+        if 'with_cp' not in inspect.signature(super().__init__).parameters:
+            own_with_cp = kwargs.pop('with_cp', None)
         super().__init__(*args, **kwargs)
         sites = select_ffns(self, moe_blocks)
         if not self.checkpoints_without_reentry:
-            _refuse_reentrant_checkpointing(self, sites)
+            checkpoint_without_reentry(self, sites)
         self.moe_layer_names = convert_ffns(self, sites, moe_cfg)
+        if own_with_cp is not None:
+            checkpoint_blocks(self, own_with_cp)
         self.moe_blocks = moe_blocks_of(self, self.moe_layer_names)
         if isinstance(self, nn.Module):
             self.train(self.training)  # frozen stages, norm_eval: the new layers too
@@ -265,9 +297,6 @@ def log_rmoe_init(backbone: nn.Module, layers: Dict[str, RMoEFFN]) -> None:
     MMLogger.get_current_instance().info('; '.join(parts))
 
 
-_RMOE_CLASSES: Dict[type, type] = {}
-
-
 def rmoe_class(dense_class: type) -> type:
     """``dense_class`` with :class:`RMoEBackboneMixin` in front (one class per dense class).
 
@@ -279,13 +308,41 @@ def rmoe_class(dense_class: type) -> type:
     if issubclass(dense_class, RMoEBackboneMixin):
         raise ValueError(f'backbone_type {dense_class.__name__} is an RMoE backbone already; '
                          'give its dense type')
-    if dense_class not in _RMOE_CLASSES:
-        _RMOE_CLASSES[dense_class] = type(
-            f'RMoE{dense_class.__name__}', (RMoEBackboneMixin, dense_class),
-            dict(__module__=__name__,
-                 __doc__=f'``{dense_class.__module__}.{dense_class.__name__}`` with RMoE '
-                         f'FFNs.\n\n' + (RMoEBackboneMixin.__doc__ or '')))
-    return _RMOE_CLASSES[dense_class]
+    return derived_class('RMoE', dense_class)
+
+
+# The classes made at build time: a mixin in front of an upstream class, by name prefix.
+_MIXINS = {'RMoE': RMoEBackboneMixin, 'RMoEBlock': CheckpointWithoutReentryMixin}
+_DERIVED: Dict[Tuple[str, type], type] = {}
+
+
+def derived_class(prefix: str, base: type) -> type:
+    """``base`` with the mixin named by ``prefix`` (``'RMoE'``, ``'RMoEBlock'``) in front, made
+    once per pair and named ``<prefix><base name>``.
+
+    Its qualified name, e.g. ``RMoE[mmseg/models/backbones/beit:BEiT]``, is an attribute of
+    this module, made again on first access in a process that has not built it yet, so that
+    pickle (``torch.save`` of a whole model, worker processes) finds the class by name.
+    """
+    if (prefix, base) not in _DERIVED:
+        mixin = _MIXINS[prefix]
+        where = f'{base.__module__}:{base.__qualname__}'
+        _DERIVED[prefix, base] = type(f'{prefix}{base.__name__}', (mixin, base), dict(
+            __module__=__name__, __qualname__=f'{prefix}[{where.replace(".", "/")}]',
+            __doc__=f'``{where}`` with :class:`{mixin.__name__}` in front.\n\n'
+                    + (mixin.__doc__ or '')))
+    return _DERIVED[prefix, base]
+
+
+def __getattr__(name: str) -> type:
+    """The class of :func:`derived_class` whose qualified name is ``name``."""
+    match = re.fullmatch(r'(\w+)\[([\w/]+):([\w/]+)\]', name)
+    if match is None or match[1] not in _MIXINS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    base = importlib.import_module(match[2].replace('/', '.'))
+    for part in match[3].split('/'):
+        base = getattr(base, part)
+    return derived_class(match[1], base)
 
 
 def rmoe_backbone_builder(registry):

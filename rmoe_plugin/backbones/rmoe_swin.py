@@ -2,22 +2,19 @@
 
 Two registered classes share one name: in the mmseg registry it extends mmseg's Swin, in the
 mmdet registry mmdet's, so a config built in either scope gets its framework's own Swin with
-every argument it takes, plus ``moe_cfg`` and ``moe_blocks``. The conversion is the shared one
-of :mod:`.moe_conversion`; what is Swin's own here is loading dense Swin checkpoints in the
-official and timm layouts, and checkpointing MoE blocks without re-entry.
+every argument it takes, plus ``moe_cfg`` and ``moe_blocks``. The conversion (checkpointing
+MoE blocks without re-entry included) is the shared one of :mod:`.moe_conversion`; what is
+Swin's own here is loading dense Swin checkpoints in the official and timm layouts.
 """
 import uuid
 from contextlib import contextmanager
 from typing import Dict
 
-import torch.utils.checkpoint as cp
-from mmdet.models.backbones.swin import SwinBlock as MMDetSwinBlock
 from mmdet.models.backbones.swin import SwinTransformer as MMDetSwin
 from mmdet.registry import MODELS as MMDET_MODELS
 from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 from mmengine.runner import CheckpointLoader
-from mmseg.models.backbones.swin import SwinBlock as MMSegSwinBlock
 from mmseg.models.backbones.swin import SwinTransformer as MMSegSwin
 from mmseg.registry import MODELS as MMSEG_MODELS
 
@@ -48,44 +45,10 @@ def in_memory_checkpoint(checkpoint: dict):
         del _IN_MEMORY[uri]
 
 
-def _moe_block_forward(self, x, hw_shape):
-    """The upstream ``SwinBlock.forward``, checkpointed without re-entry.
-
-    The re-entrant checkpoint runs its first forward without grad, which would leave the
-    balance losses (kept on the side by the MoE layer) without a gradient.
-    """
-
-    def inner_forward(x):
-        identity = x
-        x = self.norm1(x)
-        x = self.attn(x, hw_shape) + identity
-        return self.ffn(self.norm2(x), identity=x)
-
-    if self.with_cp and x.requires_grad:
-        return cp.checkpoint(inner_forward, x, use_reentrant=False)
-    return inner_forward(x)
-
-
-class RMoESwinBlock(MMSegSwinBlock):
-    """mmseg's SwinBlock holding an ``RMoEFFN``; only ``forward`` differs."""
-    forward = _moe_block_forward
-
-
-class RMoESwinBlockDet(MMDetSwinBlock):
-    """mmdet's SwinBlock holding an ``RMoEFFN``; only ``forward`` differs."""
-    forward = _moe_block_forward
-
-
 class RMoESwinMixin(RMoEBackboneMixin):
-    """The shared RMoE conversion on an upstream Swin, whose MoE blocks checkpoint without
-    re-entry, and which loads dense Swin checkpoints in any known layout."""
-    moe_block_class: type
-    checkpoints_without_reentry = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name in self.moe_layer_names:  # stages.{s}.blocks.{b}.ffn
-            self.get_submodule(name.rpartition('.')[0]).__class__ = self.moe_block_class
+    """The shared RMoE conversion on an upstream Swin (its MoE blocks checkpoint without
+    re-entry, as every RMoE backbone's), which loads dense Swin checkpoints in any known
+    layout."""
 
     def init_weights(self) -> None:
         if self.init_cfg is None or self.init_cfg.get('type') != 'Pretrained':
@@ -136,11 +99,9 @@ class RMoESwinMixin(RMoEBackboneMixin):
 class RMoESwinTransformer(RMoESwinMixin, MMSegSwin):
     __doc__ = ('mmseg Swin Transformer with residual-MoE FFNs; every argument is the upstream '
                "Swin's, plus:\n" + (RMoEBackboneMixin.__doc__ or ''))
-    moe_block_class = RMoESwinBlock
 
 
 @MMDET_MODELS.register_module(name='RMoESwinTransformer')
 class RMoESwinTransformerDet(RMoESwinMixin, MMDetSwin):
     __doc__ = ('mmdet Swin Transformer with residual-MoE FFNs; every argument is the upstream '
                "Swin's, plus:\n" + (RMoEBackboneMixin.__doc__ or ''))
-    moe_block_class = RMoESwinBlockDet
