@@ -65,7 +65,8 @@ DTYPE=bf16
 if wants tests; then
   step tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= \
     "$ROOT/tests/test_moe_cuda.py" "$ROOT/tests/test_moe_layer.py" \
-    "$ROOT/tests/test_moe_dispatch.py" "$ROOT/tests/test_moe_hot_path.py"
+    "$ROOT/tests/test_moe_dispatch.py" "$ROOT/tests/test_moe_hot_path.py" \
+    "$ROOT/tests/test_moe_compile.py"
 fi
 if wants layer; then
   step layer 300 "$PYTHON" "$ROOT/tools/benchmark_moe.py" "${LAYER_ARGS[@]}" --device "$DEVICE" \
