@@ -1,6 +1,7 @@
 """torch.compile of whole RMoE backbones, counted with dynamo's own counters: an RMoE Swin
-compiles into as many graphs as the dense Swin, with no graph break, and training steps whose
-routing differs never recompile; its outputs, balance losses and gradients are eager's."""
+compiles into as many graphs as the dense Swin, with no graph break (with_cp too: compiled,
+its RMoE blocks run unchecked), and training steps whose routing differs never recompile; its
+outputs, balance losses and gradients are eager's."""
 import copy
 
 import pytest
@@ -55,11 +56,13 @@ def compiled_steps(cfg):
     return counter.frame_count, sum(counters['graph_break'].values()), loads
 
 
-@pytest.mark.parametrize('backend', ['loop', 'grouped_mm'])
-def test_rmoe_swin_compiles_into_the_graphs_of_the_dense_swin(backend):
-    dense_graphs, dense_breaks, _ = compiled_steps(dict(type='SwinTransformer', **SWIN))
+@pytest.mark.parametrize('backend,with_cp', [('loop', False), ('grouped_mm', False),
+                                             ('loop', True)])
+def test_rmoe_swin_compiles_into_the_graphs_of_the_dense_swin(backend, with_cp):
+    swin = dict(SWIN, with_cp=with_cp)
+    dense_graphs, dense_breaks, _ = compiled_steps(dict(type='SwinTransformer', **swin))
     graphs, breaks, loads = compiled_steps(dict(
-        type='RMoESwinTransformer', **SWIN,
+        type='RMoESwinTransformer', **swin,
         moe_cfg=dict(num_experts=4, expert_backend=backend, router_noise_std=0.1)))
     assert (graphs, breaks) == (dense_graphs, dense_breaks) == (1, 0)
     assert len(set(loads)) == len(loads), loads  # the routing differed at every step

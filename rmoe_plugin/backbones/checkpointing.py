@@ -20,12 +20,16 @@ class CheckpointWithoutReentryMixin:
     While ``with_cp`` is on and grad is enabled, the block's own forward runs inside
     ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` with its flag off for that
     call, so it does not checkpoint a second time. The RNG state is preserved, so dropout and
-    drop path recompute what they did.
+    drop path recompute what they did. Under ``torch.compile`` the block is not checkpointed.
     """
 
     def forward(self, *args, **kwargs):
         if not (self.with_cp and torch.is_grad_enabled()):
             return super().forward(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # torch.compile's checkpoint operator takes no side effects, and an RMoE layer
+            # keeps its losses on the side: compiled, the block runs unchecked, in the graph.
+            return self._forward_without_cp(*args, **kwargs)
         return checkpoint(self._forward_without_cp, *args, use_reentrant=False, **kwargs)
 
     def _forward_without_cp(self, *args, **kwargs):
