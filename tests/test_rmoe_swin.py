@@ -141,9 +141,10 @@ def test_scratch_init_gives_cores_the_dense_init_and_zero_residuals():
     assert experts.residual_weights[0].abs().sum().item() == 0
 
 
-def test_with_cp_keeps_the_balance_loss_gradient():
-    rmoe = build('mmseg', dict(type='RMoESwinTransformer', **SMALL_SWIN, with_cp=True,
-                               moe_cfg=dict(num_experts=4, importance_loss_weight=1.0)))
+@pytest.mark.parametrize('scope', ['mmseg', 'mmdet'])
+def test_with_cp_keeps_the_balance_loss_gradient(scope):
+    rmoe = build(scope, dict(type='RMoESwinTransformer', **SMALL_SWIN, with_cp=True,
+                             moe_cfg=dict(num_experts=4, importance_loss_weight=1.0)))
     rmoe.init_weights()
     rmoe.train()
     x = images().requires_grad_()
