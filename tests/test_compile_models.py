@@ -1,7 +1,7 @@
-"""torch.compile of whole RMoE backbones, counted with dynamo's own counters: an RMoE Swin
-compiles into as many graphs as the dense Swin, with no graph break (with_cp too: compiled,
-its RMoE blocks run unchecked), and training steps whose routing differs never recompile; its
-outputs, balance losses and gradients are eager's."""
+"""torch.compile of whole RMoE backbones, counted with dynamo's own counters: an RMoE Swin or
+CvT compiles into as many graphs as the dense one, with no graph break (with_cp too:
+compiled, their RMoE blocks run unchecked), and training steps whose routing differs never
+recompile; their outputs, balance losses and gradients are eager's."""
 import copy
 
 import pytest
@@ -11,9 +11,12 @@ from torch._dynamo.utils import counters
 
 from openmmlab_helpers import build
 from rmoe_plugin import collect_moe_losses
+from rmoe_plugin.backbones.cvt import ARCH_SETTINGS
 
 SWIN = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), window_size=4,
             pretrain_img_size=32)
+CVT = dict(arch=dict(ARCH_SETTINGS['cvt-13'], dim_embed=[16, 32, 48], num_heads=[1, 2, 3],
+                     depth=[1, 2, 2]), drop_path_rate=0.0)
 STEPS = 3
 
 
@@ -66,3 +69,11 @@ def test_rmoe_swin_compiles_into_the_graphs_of_the_dense_swin(backend, with_cp):
         moe_cfg=dict(num_experts=4, expert_backend=backend, router_noise_std=0.1)))
     assert (graphs, breaks) == (dense_graphs, dense_breaks) == (1, 0)
     assert len(set(loads)) == len(loads), loads  # the routing differed at every step
+
+
+def test_rmoe_cvt_with_cp_compiles_into_the_graph_of_the_dense_cvt():
+    # (CvT's own checkpointing, with its context_fn, runs unchecked when compiled)
+    dense_graphs, dense_breaks, _ = compiled_steps(dict(type='CvT', **CVT, with_cp=True))
+    graphs, breaks, _ = compiled_steps(dict(type='RMoECvT', **CVT, with_cp=True,
+                                            moe_cfg=dict(num_experts=4)))
+    assert (graphs, breaks) == (dense_graphs, dense_breaks) == (1, 0)

@@ -301,8 +301,8 @@ class CvTStage(nn.Module):
         drop_rate (float): Dropout rate on the embedded tokens and inside the blocks.
         attn_drop_rate (float): Dropout rate on the attention weights.
         drop_path_rates (list[float]): Stochastic depth rate of each block.
-        with_cp (bool): Checkpoint each block's activations (without re-entry). Default:
-            False.
+        with_cp (bool): Checkpoint each block's activations (without re-entry; not under
+            torch.compile). Default: False.
     """
 
     def __init__(self, in_channels: int, settings: dict, drop_rate: float,
@@ -325,7 +325,9 @@ class CvTStage(nn.Module):
                      attn_drop_rate, rate) for rate in drop_path_rates)
 
     def run_block(self, block: CvTBlock, x: torch.Tensor, hw_shape: HWShape) -> torch.Tensor:
-        if not (self.with_cp and x.requires_grad):
+        # torch.compile's checkpoint operator takes neither a context_fn nor the side effects
+        # of an RMoE layer: compiled, the blocks run unchecked, in the graph.
+        if not (self.with_cp and x.requires_grad) or torch.compiler.is_compiling():
             return block(x, hw_shape)
         # Without re-entry, so that what a block keeps on the side (an MoE layer's balance
         # loss) stays in the autograd graph.
@@ -388,7 +390,7 @@ class CvT(BaseModule):
         frozen_stages (int): Stages ``0..frozen_stages`` are frozen (no gradient, eval mode);
             -1 freezes none. Default: -1.
         with_cp (bool): Checkpoint each block's activations, without re-entry, to save
-            memory. Default: False.
+            memory (not under torch.compile). Default: False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads an
             official CvT ImageNet checkpoint (or an mmseg/mmdet one holding a CvT backbone);
             None initialises as the official code does. Default: None.
