@@ -4,11 +4,11 @@ from .dispatch import DispatchPlan, combine, expert_capacity, plan_dispatch, pri
 from .experts import ResidualExperts
 from .layer import MoEFeedForward, check_moe_args, combine_weight
 from .losses import cv_squared, importance_loss, router_z_loss, switch_balance_loss
-from .router import Routing, TopKRouter
+from .router import CosineTopKRouter, Router, Routing, TopKRouter
 
 __all__ = [
-    'DispatchPlan', 'MoEFeedForward', 'ResidualExperts', 'Routing', 'TopKRouter',
-    'check_moe_args', 'collect_moe_losses', 'combine', 'combine_weight', 'cv_squared',
-    'expert_capacity', 'importance_loss', 'plan_dispatch', 'priority_rank', 'router_z_loss',
-    'switch_balance_loss'
+    'CosineTopKRouter', 'DispatchPlan', 'MoEFeedForward', 'ResidualExperts', 'Router',
+    'Routing', 'TopKRouter', 'check_moe_args', 'collect_moe_losses', 'combine',
+    'combine_weight', 'cv_squared', 'expert_capacity', 'importance_loss', 'plan_dispatch',
+    'priority_rank', 'router_z_loss', 'switch_balance_loss'
 ]
