@@ -29,7 +29,7 @@ RMOE_OF_DENSE = [  # (RMoE config, its dense config, the tiny RMoE config of the
 
 
 def is_dense(path):
-    return 'rmoe' not in os.path.basename(path)
+    return 'moe' not in os.path.basename(path)  # rmoe-*, swin-moe-*
 
 
 def test_there_are_configs_for_both_datasets():
@@ -39,7 +39,15 @@ def test_there_are_configs_for_both_datasets():
         'configs/ade20k/cvt-13_upernet_8xb2-160k_ade20k-512x512.py',
         'configs/ade20k/rmoe-cvt-13-e8_upernet_8xb2-160k_ade20k-512x512.py',
         f'configs/ade20k/{BEIT_L}'}
-    assert sum(n.startswith('configs/coco/') for n in names) == 8
+    assert sum(n.startswith('configs/coco/') for n in names) == 9
+    assert [n for n in names if 'swin-moe-small-' in n] == [
+        'configs/ade20k/ablations/'
+        'swin-moe-small-patch4-window12-e32-frozencore_upernet_8xb2-160k_ade20k-512x512.py',
+        'configs/ade20k/swin-moe-small-cosine-patch4-window12-e32-in22k-192x192-pre_upernet_'
+        '8xb2-160k_ade20k-512x512.py',
+        'configs/ade20k/swin-moe-small-patch4-window12-e32-in22k-192x192-pre_upernet_'
+        '8xb2-160k_ade20k-512x512.py',
+        'configs/coco/swin-moe-small-p4-w12-e32-in22k-192-pre_mask-rcnn_fpn_1x_coco.py']
     assert sum('ablations' in n for n in names) >= 10
     assert sum(n.startswith('configs/pipeline/') for n in names) == 4
 
