@@ -84,6 +84,13 @@ def test_the_converted_checkpoint_does_not_depend_on_the_rank_files(tmp_path):
                    sharded=dict(num_ranks=8), legacy=dict(num_ranks=2, legacy_bias=True),
                    merged=dict(num_ranks=1, merged=True))
     results = {}
+    # one file merged from the rank files and .master (as tutel.checkpoint.gather and a copy of
+    # .master give it): the frozen fc2 biases are rank 0's, one expert's
+    folder = tmp_path / 'merged_with_master'
+    folder.mkdir()
+    merged = {k: v[:1] if k.endswith('batched_fc2_bias') else v for k, v in state.items()}
+    torch.save({'model': merged}, folder / 'swin_moe.pth')
+    results['merged_with_master'] = convert_released(str(folder / 'swin_moe.pth'))[0]
     for name, layout in layouts.items():
         folder = tmp_path / name
         folder.mkdir()

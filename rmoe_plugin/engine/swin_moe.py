@@ -231,6 +231,9 @@ def _merge_layer(block: str, pieces, frozen: List[str], state: StateDict, num_ra
         parts = [p.squeeze(1) if p.dim() == 3 and name.endswith('_bias') else p
                  for p in pieces[(block, name)]]
         key = f'{prefix}experts.{name}'
+        if key not in frozen and len(parts) == 1 and parts[0].shape[0] != experts_local:
+            # one file (merged from the rank files) that took this tensor from .master
+            frozen.append(key)
         if key in frozen:
             merged[name] = _broadcast_frozen(key, parts[0], num_experts, channels,
                                              hidden_local * shards)
