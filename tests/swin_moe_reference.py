@@ -13,7 +13,6 @@ capacity ``k * int(f * ceil(S / E))`` filled in order of the top gate, output
 ``gate * expert(x)``, experts stacked with fc2's weight stored transposed.
 """
 import math
-import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -304,9 +303,10 @@ def save_released(state: dict, name: str, num_ranks: int, legacy_bias: bool = Fa
     """Save ``state`` (a :class:`SwinMoE`'s) as Swin-Transformer releases a checkpoint trained
     on ``num_ranks`` GPUs: ``name.master`` (all but the trainable expert tensors: the frozen
     fc2 bias as rank 0's piece, unless not ``frozen_fc2_bias``) and ``name.rank{r}``, rank r's
-    experts. With fewer experts than ranks each expert's hidden units are split over consecutive ranks, each holding
-    ``ceil(C / s)`` of the fc2 bias (the last piece padded). ``legacy_bias``: the biases as the
-    Tutel of 2022 shaped them, (E_local, 1, ...). ``merged``: one file, ``name`` itself.
+    experts. With fewer experts than ranks each expert's hidden units are split over
+    consecutive ranks, each holding ``ceil(C / s)`` of the fc2 bias (the last piece padded).
+    ``legacy_bias``: the biases as the Tutel of 2022 shaped them, (E_local, 1, ...).
+    ``merged``: one file, ``name`` itself.
 
     Returns:
         the files written.
@@ -379,6 +379,3 @@ def stage_outputs(backbone: nn.Module, images: torch.Tensor, train: bool,
             hook.remove()
     return [outs[s] for s in sorted(outs)]
 
-
-def files_exist(paths):
-    return all(os.path.isfile(p) for p in paths)

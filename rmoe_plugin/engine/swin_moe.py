@@ -53,7 +53,6 @@ KNOWN_KEYS = [re.compile(p) for p in (
     r'(norm|head)\.(weight|bias)')]
 _EXPERT_KEY = re.compile(r'^(?P<block>' + _BLOCK + r')mlp\._moe_layer\.experts\.(?P<name>\w+)$')
 _MOE_LAYER = '{block}mlp._moe_layer.'
-_RANK_FILE = re.compile(r'\.rank(\d+)$')
 
 
 # ------------------------------------------------------------------------------------ files
@@ -70,14 +69,15 @@ def released_files(src: str, num_ranks: Optional[int] = None) -> Tuple[Optional[
         FileNotFoundError: nothing is there, or a rank file is missing (named).
         ValueError: rank files beyond the ranks expected.
     """
-    if '://' in src or os.path.isfile(src) and not re.search(r'\.(master|rank\d+)$', src):
+    if '://' in src or (os.path.isfile(src) and not re.search(r'\.(master|rank\d+)$', src)):
         return None, [src]
     base = re.sub(r'\.(master|rank\d+)$', '', src)
     folder = os.path.dirname(base) or '.'
     name = os.path.basename(base)
-    found = sorted(int(m.group(1)) for f in (os.listdir(folder) if os.path.isdir(folder) else [])
-                   if f.startswith(name) and (m := _RANK_FILE.search(f[len(name):]))
-                   and f == name + m.group(0))
+    rank_file = re.compile(re.escape(name) + r'\.rank(\d+)')
+    matches = [rank_file.fullmatch(f) for f in (os.listdir(folder) if os.path.isdir(folder)
+                                                else [])]
+    found = sorted(int(m.group(1)) for m in matches if m)
     master = base + '.master' if os.path.isfile(base + '.master') else None
     if not found and master is None:
         raise FileNotFoundError(f'Swin-MoE checkpoint {src!r}: no such file, nor '
@@ -221,9 +221,7 @@ def _merge_layer(block: str, pieces, frozen: List[str], state: StateDict, num_ra
         if (block, name) not in pieces:
             raise ValueError(f'{paths[0]}: MoE block {block[:-1]} has no '
                              f'{prefix}experts.{name}')
-    local = [p.squeeze(1) if p.dim() == 3 and n.endswith('_bias') else p
-             for n in EXPERT_PARAMS for p in [pieces[(block, n)][0]]]
-    experts_local, hidden_local, channels = local[0].shape
+    experts_local, hidden_local, channels = pieces[(block, 'batched_fc1_w')][0].shape
     shards = _shards(block, state, prefix, hidden_local, experts_local, num_ranks, paths)
     num_experts = experts_local * num_ranks // shards
     merged = {}
@@ -585,11 +583,9 @@ def to_released(backbone: StateDict, meta: dict, num_ranks: int,
         if re.match(r'norm\d+\.', key):
             official.pop(key)
     official.update(kept)
-    master = OrderedDict()
+    master = OrderedDict(official)
     ranks = [OrderedDict() for _ in range(num_ranks)]
-    for key, value in official.items():
-        master[key] = value
-    for ffn, layer in meta['moe_layers'].items():
+    for ffn in meta['moe_layers']:
         block = 'layers.' + ffn[len('stages.'):-len('ffn')]
         _write_experts(experts[ffn], block, meta, num_ranks, master, ranks, notes)
     files = OrderedDict(master=_ordered(master))
