@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.runner import load_checkpoint
 
 from openmmlab_helpers import build
 from rmoe_plugin.analysis.weights import analyze_state_dict
@@ -177,6 +178,14 @@ def test_init_cfg_reads_the_released_files_and_urls(tmp_path, server, hub):
     for source in (name, name + '.rank1', merged, url):
         assert_same(stage_outputs(loaded('mmseg', source), x, False), want)
     assert server.requests == ['/swin_moe_converted.pth']
+    path = str(tmp_path / 'converted.pth')  # load_from: mmengine's loading of the whole model
+    torch.save(checkpoint, path)
+    segmentor_cfg = Config.fromfile(SEG).model
+    segmentor_cfg.backbone = backbone_cfg('mmseg', None)
+    segmentor_cfg.backbone.init_cfg = None
+    segmentor = build('mmseg', segmentor_cfg)
+    load_checkpoint(segmentor, path, map_location='cpu')
+    assert_same(stage_outputs(segmentor.backbone, x, False), want)
 
 
 def test_analyze_experts_sees_the_experts_around_their_mean(tmp_path):
