@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from rmoe_plugin.moe import CosineTopKRouter, MoEFeedForward
-from test_moe_layer import grads, reference_forward
+from test_moe_layer import assert_matches_reference
 
 
 def cosine_layer(**kwargs):
@@ -55,12 +55,7 @@ def test_cosine_router_starts_at_swin_moes_initial_temperature_and_stays_fp32():
 def test_gate_weighted_output_with_the_cosine_router_matches_per_token_reference(top_k,
                                                                                  normalize):
     layer = cosine_layer(top_k=top_k, normalize_gates=normalize, capacity_factor=1.0)
-    x = torch.randn(2, 7, 8, requires_grad=True)
-    out = layer(x)
-    expected = reference_forward(layer, x)
-    torch.testing.assert_close(out, expected)
-    for got, want in zip(grads(layer, x, out), grads(layer, x, expected)):
-        torch.testing.assert_close(got, want)
+    assert_matches_reference(layer, torch.randn(2, 7, 8, requires_grad=True))
 
 
 def test_gate_weighted_top1_scales_the_expert_output_by_its_gate():

@@ -126,13 +126,7 @@ def factor_moe_experts(state_dict: StateDict) -> StateDict:
     """A copy of ``state_dict`` whose stacked MoE experts (see :func:`expert_keys`) are
     factored into core and residuals, every layer of them."""
     out = OrderedDict(state_dict)
-    layers: Dict[str, int] = {}
-    for key in state_dict:
-        m = _EXPERTS.match(key)
-        if m:
-            ffn = m.group('ffn') + '.'
-            layers[ffn] = max(layers.get(ffn, 0), int(m.group('i')) + 1)
-    for ffn, count in layers.items():
+    for ffn, count in _layer_projections(state_dict, _EXPERTS).items():
         moe_experts_to_core(out, ffn, count)
     return out
 
@@ -148,15 +142,21 @@ def rmoe_experts(state_dict: StateDict, ffn_prefix: str,
     return out
 
 
-def rmoe_layer_prefixes(state_dict: StateDict) -> Dict[str, int]:
-    """Every RMoE layer of a state dict (prefix with a trailing dot) and its projections."""
+def _layer_projections(state_dict: StateDict, pattern: 're.Pattern') -> Dict[str, int]:
+    """The layers whose projection keys ``pattern`` matches (its groups ``ffn`` and ``i``):
+    prefix with a trailing dot, and how many projections."""
     projections: Dict[str, int] = {}
     for key in state_dict:
-        m = _CORE.match(key)
+        m = pattern.match(key)
         if m:
             ffn = m.group('ffn') + '.'
             projections[ffn] = max(projections.get(ffn, 0), int(m.group('i')) + 1)
     return projections
+
+
+def rmoe_layer_prefixes(state_dict: StateDict) -> Dict[str, int]:
+    """Every RMoE layer of a state dict (prefix with a trailing dot) and its projections."""
+    return _layer_projections(state_dict, _CORE)
 
 
 def neighbour_linear_names(state_dict: StateDict, layer: str) -> Optional[List[str]]:
