@@ -4,6 +4,7 @@ custom_imports = dict(imports=['rmoe_plugin'], allow_failed_imports=False)
 # Swin-MoE-S (microsoft/Swin-Transformer, trained with Tutel on ImageNet-22K at 192x192):
 # 32 experts, linear router. The released checkpoint loads as it is unzipped (NAME.pth with its
 # .master and .rank* files beside it), or converted by tools/convert_swin_moe.py (README.md).
+# The COCO config has this backbone too (tests/test_configs.py checks they agree).
 checkpoint = 'pretrain/swin_moe_small_patch4_window12_192_32expert_32gpu_22k/swin_moe_small_patch4_window12_192_32expert_32gpu_22k.pth'  # noqa
 model = dict(
     type='RMoEEncoderDecoder',
