@@ -12,7 +12,8 @@ files, a ``.pth.global`` or a merged file. DST is a weights-only checkpoint that
 trained with.
 
 ``--to-released`` writes the backbone of SRC (a converted checkpoint, or one trained from it:
-then give the converted one as ``--reference``) as ``DST.master`` and ``DST.rank0`` ...
+then give the converted one as ``--reference``; for a run that read the released files
+directly, convert them first) as ``DST.master`` and ``DST.rank0`` ...
 ``DST.rank{R-1}`` in the released layout, which Swin-Transformer's ``main_moe.py`` reads.
 Nothing is written over an input or an existing file (``--overwrite`` replaces outputs).
 """

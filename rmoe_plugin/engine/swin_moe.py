@@ -83,8 +83,7 @@ def released_files(src: str, num_ranks: Optional[int] = None) -> Tuple[Optional[
         raise FileNotFoundError(f'Swin-MoE checkpoint {src!r}: no such file, nor '
                                 f'{base}.master / {base}.rank0 ... beside it')
     in_name = re.search(r'(\d+)gpu', name)
-    expected = num_ranks or (int(in_name.group(1)) if in_name else (max(found) + 1 if found
-                                                                      else 0))
+    expected = num_ranks or (int(in_name.group(1)) if in_name else max(found, default=0) + 1)
     for rank in range(expected):
         if rank not in found:
             raise FileNotFoundError(f'Swin-MoE checkpoint {base}: rank file {base}.rank{rank} '
@@ -101,10 +100,7 @@ def _read(path: str) -> StateDict:
         checkpoint = load_checkpoint_file(path)
     except EOFError as e:  # an old-format (non-zip) file cut short
         raise ValueError(f'checkpoint {path!r} is truncated ({e})') from e
-    state = extract_state_dict(checkpoint)
-    if state and all(k.startswith('module.') for k in state):
-        state = OrderedDict((k[len('module.'):], v) for k, v in state.items())
-    return state
+    return backbone_state_dict(extract_state_dict(checkpoint))  # without a DDP 'module.'
 
 
 def _check_known(state: StateDict, path: str, whole: bool) -> None:
@@ -253,7 +249,7 @@ def _merge_layer(block: str, pieces, frozen: List[str], state: StateDict, num_ra
     routed = gate.shape[0] if router == 'linear' else gate.shape[1]
     if routed != num_experts:
         raise ValueError(f'{paths[0]}: the router of {block[:-1]} routes to {routed} experts, '
-                         f'the rank files hold {num_experts}')
+                         f'its expert tensors hold {num_experts}')
     return dict(num_experts=num_experts, shards=shards, router=router)
 
 
@@ -377,8 +373,11 @@ def released_to_openmmlab(state: StateDict, info: dict,
         (backbone state dict, ``meta['swin_moe']``)
     """
     state = OrderedDict(state)
-    window = window_size or norm_window_of(
-        state[next(k for k in state if k.endswith('relative_coords_table'))], '')[0]
+    tables = [k for k in state if k.endswith('relative_coords_table')]
+    if window_size is None and not tables:
+        raise ValueError('no layers.*.attn.relative_coords_table tells the pre-training '
+                         'window: give the window to evaluate the position bias at')
+    window = window_size or norm_window_of(state[tables[0]], tables[0])[0]
     out = OrderedDict()
     kept = OrderedDict()
     for block, layer in info['moe_layers'].items():
@@ -464,9 +463,7 @@ def load_swin_checkpoint(path: str, window_size: int) -> Tuple[StateDict, Option
     if isinstance(meta, dict) and isinstance(meta.get('swin_moe'), dict):
         return backbone_state_dict(state), meta['swin_moe']
     if is_released_swin_moe(state):
-        if all(k.startswith('module.') for k in state):
-            state = OrderedDict((k[len('module.'):], v) for k, v in state.items())
-        state, info = join_released(None, [state], None, [path])
+        state, info = join_released(None, [backbone_state_dict(state)], None, [path])
         return released_to_openmmlab(state, info, window_size)
     return state, None
 
