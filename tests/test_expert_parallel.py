@@ -35,3 +35,18 @@ def test_checkpoints_load_on_another_number_of_ranks(tmp_path, saved_at, loaded_
     residual = saved['model']['experts.residual_weights.0']
     assert residual.shape[0] == workers.EXPERTS  # every expert, whatever P saved it
     spawn(workers.checkpoint_worker, loaded_at, loaded_at, str(tmp_path))
+
+
+def test_sizes_that_cannot_work_are_refused():
+    spawn(workers.bad_input_worker, 2)
+
+
+def test_a_checkpoint_with_another_number_of_experts_is_refused():
+    saved = workers.starved_layer().state_dict()  # 4 experts
+    layer = workers.MoEFeedForward(workers.EMBED, workers.HIDDEN, num_experts=8)
+    with pytest.raises(ValueError, match=r'experts.residual_weights.0: the checkpoint holds 4 '
+                                         r'experts, this layer 8'):
+        layer.load_state_dict(saved)
+    mmengine_checkpoint = pytest.importorskip('mmengine.runner.checkpoint')
+    with pytest.raises(ValueError, match='the checkpoint holds 4 experts, this layer 8'):
+        mmengine_checkpoint.load_state_dict(layer, saved)  # what init_cfg and load_from use

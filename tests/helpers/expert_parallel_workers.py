@@ -183,3 +183,22 @@ def checkpoint_worker(rank: int, world_size: int, port: int, expert_parallel_siz
         optimizer.step()
     finally:
         dist.destroy_process_group()
+
+
+def bad_input_worker(rank: int, world_size: int, port: int) -> None:
+    """Expert-parallel sizes that cannot work are refused, naming the values."""
+    import pytest
+    start(rank, world_size, port)
+    try:
+        with pytest.raises(ValueError, match=r'divide the world size \(2 processes\), got 4'):
+            enable_expert_parallel(starved_layer(), 4)
+        with pytest.raises(ValueError, match='expert_parallel_size=2 must divide num_experts=3'):
+            enable_expert_parallel(MoEFeedForward(EMBED, HIDDEN, num_experts=3), 2)
+        layer = starved_layer()
+        enable_expert_parallel(layer, 2)
+        with pytest.raises(ValueError, match='split already'):
+            enable_expert_parallel(layer, 2)
+        with pytest.raises(ValueError, match='no MoEFeedForward'):
+            enable_expert_parallel(torch.nn.Linear(2, 2), 2)
+    finally:
+        dist.destroy_process_group()
