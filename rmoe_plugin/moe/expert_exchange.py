@@ -161,6 +161,29 @@ def run_experts_parallel(rows: Tensor, tokens_per_expert: Tensor, groups: Expert
     return torch.cat([back, back.new_zeros(rows.shape[0] - kept, *back.shape[1:])])
 
 
+class DataParallelExpertGrad(torch.autograd.Function):
+    """Identity whose backward averages an expert parameter's gradient as data parallelism
+    would: the backward of the token exchange already summed, into the rank that holds the
+    expert, the gradients of the losses of every rank of its group; the ranks holding the
+    same expert in the other groups add theirs, and DDP's mean over the world divides by W.
+
+    A graph node rather than a tensor hook on the parameter: activation checkpointing
+    without re-entry bypasses such hooks for tensors an ``autograd.Function`` saves.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, groups: ExpertParallelGroups) -> Tensor:
+        ctx.groups = groups
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad / ctx.groups.world_size
+        if ctx.groups.replicate_group is not None:
+            dist.all_reduce(grad, group=ctx.groups.replicate_group)
+        return grad, None
+
+
 def inverse_permutation(order: Tensor) -> Tensor:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)

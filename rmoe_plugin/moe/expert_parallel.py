@@ -42,8 +42,9 @@ def enable_expert_parallel(model: nn.Module, expert_parallel_size: Optional[int]
     Call it on every rank, on the module DDP will wrap, before wrapping it. Each rank keeps
     rank 0's residuals of its E/P experts (the core and the router stay whole, and DDP
     broadcasts and averages them as usual); the residuals are left out of DDP
-    (``_ddp_params_and_buffers_to_ignore``) and their gradients are averaged by hooks so that
-    a step equals a data-parallel step on the same global batch.
+    (``_ddp_params_and_buffers_to_ignore``) and the layer averages their gradients itself
+    (``DataParallelExpertGrad``), so that a step equals a data-parallel step on the same
+    global batch.
 
     Args:
         model (nn.Module): holds ``MoEFeedForward`` layers.
@@ -86,21 +87,7 @@ def _shard_layer(experts: ResidualExperts, groups: ExpertParallelGroups) -> List
     experts.shard_(groups)
     for _, p in experts.named_residuals():
         p.expert_parallel = groups
-        p.register_hook(partial(data_parallel_expert_grad, groups))
     return [name for name, _ in experts.named_residuals()]
-
-
-def data_parallel_expert_grad(groups: ExpertParallelGroups, grad: Tensor) -> Tensor:
-    """An expert's gradient as data parallelism would average it.
-
-    The backward of the token exchange already summed, into the rank that holds the expert,
-    the gradients of the losses of every rank of its group; the ranks holding the same
-    expert in the other groups add theirs, and DDP's mean over the world divides by W.
-    """
-    grad = grad / groups.world_size
-    if groups.replicate_group is not None:
-        dist.all_reduce(grad, group=groups.replicate_group)
-    return grad
 
 
 def _sharded_experts(modules: Sequence[nn.Module]) -> List[ResidualExperts]:

@@ -4,7 +4,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .expert_exchange import ExpertParallelGroups, gather_expert_rows, rank0_copy
+from .expert_exchange import (DataParallelExpertGrad, ExpertParallelGroups, gather_expert_rows,
+                              rank0_copy)
 from .grouped_linear import residual_grouped_linear
 
 
@@ -167,9 +168,13 @@ class ResidualExperts(nn.Module):
             Tensor: shape (N, D); rows past ``group_end[-1]`` are undefined.
         """
         for i in range(self.num_projections):
-            x = residual_grouped_linear(
-                x, self.core_weights[i], self.residual_weights[i], self.core_biases[i],
-                self.residual_biases[i], group_end, row_expert, sizes, backend)
+            residual_weight, residual_bias = self.residual_weights[i], self.residual_biases[i]
+            if self.parallel is not None:
+                residual_weight = DataParallelExpertGrad.apply(residual_weight, self.parallel)
+                residual_bias = DataParallelExpertGrad.apply(residual_bias, self.parallel)
+            x = residual_grouped_linear(x, self.core_weights[i], residual_weight,
+                                        self.core_biases[i], residual_bias, group_end,
+                                        row_expert, sizes, backend)
             if i < self.num_projections - 1:
                 x = self.activations[i](x)
             x = self.dropout(x)

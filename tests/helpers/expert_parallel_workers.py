@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint as cp
 from torch.nn.parallel import DistributedDataParallel
 
 from rmoe_plugin.moe import (MoEFeedForward, clip_grad_norm_, enable_expert_parallel,
@@ -73,8 +74,19 @@ def data_parallel_reference(layer, x, target, dtype=None):
     return outputs, input_grads, stats
 
 
+class Checkpointed(torch.nn.Module):
+    """``layer`` under activation checkpointing without re-entry (``with_cp=True``)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return cp.checkpoint(self.layer, x, use_reentrant=False)
+
+
 def compare_step(rank, world_size, expert_parallel_size, case, backend='loop', dtype=None,
-                 clip=None):
+                 clip=None, checkpointed=False):
     """One training step, expert-parallel against the data-parallel reference."""
     tol = dict(atol=1e-5, rtol=1e-5) if dtype is None else dict(atol=2e-2, rtol=2e-2)
     reference = starved_layer(backend, **CASES[case])
@@ -82,8 +94,9 @@ def compare_step(rank, world_size, expert_parallel_size, case, backend='loop', d
     x, target = global_batch(world_size)
     outputs, input_grads, stats = data_parallel_reference(reference, x, target, dtype)
 
-    groups = enable_expert_parallel(layer, expert_parallel_size)
-    ddp = DistributedDataParallel(layer)
+    model = Checkpointed(layer) if checkpointed else layer
+    groups = enable_expert_parallel(model, expert_parallel_size)
+    ddp = DistributedDataParallel(model)
     shard = x[rank].clone().requires_grad_()
     with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         out = ddp(shard)
@@ -130,6 +143,8 @@ def layer_step_worker(rank: int, world_size: int, port: int, expert_parallel_siz
                      backend='grouped_mm', clip=0.5)
         compare_step(rank, world_size, expert_parallel_size, 'top-2, capacity drops',
                      dtype=torch.bfloat16)
+        compare_step(rank, world_size, expert_parallel_size, 'top-2, dropless',
+                     checkpointed=True)
         check_eval(rank, world_size, expert_parallel_size)
     finally:
         dist.destroy_process_group()
