@@ -44,6 +44,24 @@ class ExpertParallelGroups:
         """This rank's place in the expert-parallel group: it holds expert block ``rank``."""
         return self.expert_ranks.index(dist.get_rank())
 
+    @classmethod
+    def from_mesh(cls, mesh, expert_dim: str = 'expert') -> 'ExpertParallelGroups':
+        """The groups of a ``DeviceMesh``: its ``expert_dim`` shares out the experts; on a
+        2-D mesh the other dimension holds the replicas, a 1-D mesh must span the world.
+
+        Raises:
+            ValueError: the mesh has more than 2 dimensions, or is 1-D and not the world.
+        """
+        world_size = dist.get_world_size()
+        expert_group = mesh.get_group(expert_dim)
+        others = [name for name in mesh.mesh_dim_names if name != expert_dim]
+        if len(others) > 1 or (not others and mesh.size() != world_size):
+            raise ValueError(f'expert parallelism takes a 1-D mesh over all {world_size} ranks '
+                             f'or a 2-D (replicate, expert) mesh, got {mesh}')
+        replicate_group = mesh.get_group(others[0]) if others else None
+        ranks = tuple(dist.get_process_group_ranks(expert_group))
+        return cls(expert_group, ranks, replicate_group, world_size)
+
     def local_experts(self, num_experts: int) -> range:
         """The global indices of the experts this rank holds."""
         per_rank = num_experts // self.size

@@ -50,7 +50,8 @@ def enable_expert_parallel(model: nn.Module, expert_parallel_size: Optional[int]
         model (nn.Module): holds ``MoEFeedForward`` layers.
         expert_parallel_size (int, optional): P; groups of P consecutive ranks share out the
             experts. Default: the world size.
-        groups (ExpertParallelGroups, optional): groups made already (instead of P).
+        groups (ExpertParallelGroups, optional): groups made already, instead of P, e.g.
+            ``ExpertParallelGroups.from_mesh(mesh)`` for a ``DeviceMesh``.
 
     Returns:
         ExpertParallelGroups

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.utils.checkpoint as cp
 from torch.nn.parallel import DistributedDataParallel
 
-from rmoe_plugin.moe import (MoEFeedForward, clip_grad_norm_, enable_expert_parallel,
-                             gathered_experts, shard_optimizer_state)
+from rmoe_plugin.moe import (ExpertParallelGroups, MoEFeedForward, clip_grad_norm_,
+                             enable_expert_parallel, gathered_experts, shard_optimizer_state)
 
 EMBED, HIDDEN, EXPERTS, TOKENS = 8, 16, 4, 24
 CASES = {
@@ -86,7 +86,7 @@ class Checkpointed(torch.nn.Module):
 
 
 def compare_step(rank, world_size, expert_parallel_size, case, backend='loop', dtype=None,
-                 clip=None, checkpointed=False):
+                 clip=None, checkpointed=False, groups=None):
     """One training step, expert-parallel against the data-parallel reference."""
     tol = dict(atol=1e-5, rtol=1e-5) if dtype is None else dict(atol=2e-2, rtol=2e-2)
     reference = starved_layer(backend, **CASES[case])
@@ -95,7 +95,7 @@ def compare_step(rank, world_size, expert_parallel_size, case, backend='loop', d
     outputs, input_grads, stats = data_parallel_reference(reference, x, target, dtype)
 
     model = Checkpointed(layer) if checkpointed else layer
-    groups = enable_expert_parallel(model, expert_parallel_size)
+    groups = enable_expert_parallel(model, expert_parallel_size, groups)
     ddp = DistributedDataParallel(model)
     shard = x[rank].clone().requires_grad_()
     with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -145,6 +145,13 @@ def layer_step_worker(rank: int, world_size: int, port: int, expert_parallel_siz
                      dtype=torch.bfloat16)
         compare_step(rank, world_size, expert_parallel_size, 'top-2, dropless',
                      checkpointed=True)
+        if world_size > expert_parallel_size:  # the same groups from a DeviceMesh
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh('cpu', (world_size // expert_parallel_size,
+                                            expert_parallel_size),
+                                    mesh_dim_names=('replicate', 'expert'))
+            compare_step(rank, world_size, None, 'top-1, capacity drops',
+                         groups=ExpertParallelGroups.from_mesh(mesh))
         check_eval(rank, world_size, expert_parallel_size)
     finally:
         dist.destroy_process_group()
