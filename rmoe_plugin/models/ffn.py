@@ -114,11 +114,6 @@ class RMoEFFN(BaseModule):
             self.loaded_from = 'dense'
         elif moe_experts_to_core(state_dict, prefix, self.num_fcs):
             self.loaded_from = 'moe'
-            residual = core_keys(prefix, self.num_fcs)[0][0].replace('.core_', '.residual_')
-            if state_dict[residual].shape[0] != self.num_experts:
-                raise ValueError(
-                    f'{prefix}moe.experts: the checkpoint has {state_dict[residual].shape[0]} '
-                    f'experts, this layer {self.num_experts} (moe_cfg.num_experts)')
         elif core_keys(prefix, self.num_fcs)[0][0] in state_dict:
             self.loaded_from = 'rmoe'
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,10 +1,12 @@
 """The residual-MoE feed-forward layer, in plain PyTorch."""
+from functools import partial
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from .dispatch import combine, expert_capacity, plan_dispatch
+from .expert_exchange import run_experts_parallel
 from .experts import ResidualExperts
 from .grouped_linear import BACKENDS, choose_backend, grouped_mm_available
 from .losses import importance_loss, router_z_loss, switch_balance_loss
@@ -176,11 +178,17 @@ class MoEFeedForward(nn.Module):
         backend = choose_backend(self.expert_backend, tokens.device, dtype)
         if torch.jit.is_tracing():  # tracers see the loop's matmuls (see grouped_linear)
             backend = 'loop'
-        sizes = plan.group_sizes() if backend == 'loop' else None  # the one host sync
+        parallel = self.experts.parallel
+        # The one host sync (the expert-parallel exchange makes its own).
+        sizes = plan.group_sizes() if backend == 'loop' and parallel is None else None
         expert_in = tokens.to(dtype).index_select(0, plan.token_index)
         with torch.autocast(tokens.device.type, enabled=False):
-            expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
-                                      backend)
+            if parallel is None:
+                expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
+                                          backend)
+            else:
+                expert_out = run_experts_parallel(expert_in, plan.tokens_per_expert, parallel,
+                                                  partial(self.experts, backend=backend))
         weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
         out = combine(expert_out, weight, plan.row, plan.kept)
 
