@@ -392,6 +392,17 @@ def test_a_config_the_checkpoint_does_not_fit_is_refused(change, message, releas
     assert digests(os.path.dirname(name)) == before
 
 
+def test_load_state_dict_refuses_another_expert_count(released):
+    _, name = released
+    checkpoint, _ = convert_released(name)
+    state = {k[len('backbone.'):]: v for k, v in checkpoint['state_dict'].items()}
+    cfg = backbone_cfg('mmseg', None, num_experts=8)
+    cfg.init_cfg = None
+    with pytest.raises(ValueError, match=r'stages.2.blocks.1.ffn.moe.experts.residual_'
+                                         r'weights.0: the checkpoint holds 4 experts'):
+        build('mmseg', cfg).load_state_dict(state, strict=False)
+
+
 def test_the_tool_names_a_missing_rank_and_writes_nothing(released, tmp_path):
     _, name = released
     before = digests(os.path.dirname(name))
