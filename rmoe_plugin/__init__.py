@@ -16,6 +16,7 @@ __version__ = '0.1.0'
 _OPENMMLAB_EXPORTS = {
     'CostHook': 'pipeline', 'CvT': 'backbones', 'MoEStatsHook': 'engine',
     'RMoECascadeRCNN': 'models', 'RMoECvT': 'backbones',
+    'RMoEDistributedDataParallel': 'engine',
     'RMoEEncoderDecoder': 'models', 'RMoEFFN': 'models', 'RMoEMaskRCNN': 'models',
     'RMoESwinTransformer': 'backbones', 'RMoESwinTransformerDet': 'backbones',
     'allow_mmengine_checkpoints': 'engine', 'rmoe_model': 'models',

@@ -22,16 +22,18 @@ _state = dict(registered=False)
 
 
 def register_all_modules() -> None:
-    """Register every RMoE module in the mmengine, mmseg, mmdet and mmpretrain registries and
-    let mmengine's checkpoints load weights-only. Idempotent."""
+    """Register every RMoE module in the mmengine, mmseg, mmdet and mmpretrain registries, let
+    mmengine's checkpoints load weights-only and hold every expert of an expert-parallel
+    model. Idempotent."""
     if _state['registered']:
         return
     _state['registered'] = True  # before the imports: they may look registries up
     try:
         for name in OPENMMLAB_SUBPACKAGES:
             importlib.import_module(f'{__package__}.{name}')
-        from .engine.checkpoint import allow_mmengine_checkpoints
+        from .engine import allow_mmengine_checkpoints, install_runner_hooks
         allow_mmengine_checkpoints()
+        install_runner_hooks()
     except BaseException:
         _state['registered'] = False
         raise

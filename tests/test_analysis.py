@@ -220,7 +220,7 @@ def test_dense_equivalent_flops_are_those_of_the_dense_model():
 
 
 def test_the_analysis_tools_read_a_checkpoint_by_url(checkpoints, tmp_path, monkeypatch, capsys):
-    from test_checkpoint_urls import CheckpointServer
+    from checkpoint_server import CheckpointServer
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     server = CheckpointServer()
     try:

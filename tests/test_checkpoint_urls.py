@@ -7,13 +7,10 @@ and only their widths shrunk (``embed_dims``, heads, head channels) for the CPU;
 window sizes, ``convert_weights`` and the MoE blocks stay. The download cache is the test's.
 """
 import copy
-import http.server
-import io
 import os
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 import timm
@@ -35,64 +32,6 @@ SMALL = dict(embed_dims=16, num_heads=[1, 2, 4, 8])  # Swin-T's depths and windo
 SMALL_HEADS = dict(
     decode_head=dict(in_channels=[16, 32, 64, 128], channels=16),
     auxiliary_head=dict(in_channels=64, channels=16))
-
-
-class CheckpointServer:
-    """Serves bytes by path on 127.0.0.1 and records every request's path."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests.append(self.path)
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header('Content-Length', str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name):
-        return f'http://127.0.0.1:{self.httpd.server_address[1]}/{name}'
-
-    def serve(self, name, checkpoint):
-        """Serve ``checkpoint`` (saved with ``torch.save``) as ``name``; returns its URL."""
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        self.files[f'/{name}'] = buffer.getvalue()
-        return self.url(name)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
-
-
-@pytest.fixture
-def server():
-    served = CheckpointServer()
-    yield served
-    served.close()
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The download cache: ``<TORCH_HOME>/hub/checkpoints``, in this test's folder."""
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-    cache = tmp_path / 'torch' / 'hub' / 'checkpoints'
-    assert torch.hub.get_dir() == str(cache.parent), 'torch.hub.set_dir was called elsewhere'
-    return cache
 
 
 def shipped_config(path, url):

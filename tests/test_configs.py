@@ -29,7 +29,7 @@ RMOE_OF_DENSE = [  # (RMoE config, its dense config, the tiny RMoE config of the
 
 
 def is_dense(path):
-    return 'rmoe' not in os.path.basename(path)
+    return 'moe' not in os.path.basename(path)  # rmoe-*, swin-moe-*
 
 
 def test_there_are_configs_for_both_datasets():
@@ -39,7 +39,15 @@ def test_there_are_configs_for_both_datasets():
         'configs/ade20k/cvt-13_upernet_8xb2-160k_ade20k-512x512.py',
         'configs/ade20k/rmoe-cvt-13-e8_upernet_8xb2-160k_ade20k-512x512.py',
         f'configs/ade20k/{BEIT_L}'}
-    assert sum(n.startswith('configs/coco/') for n in names) == 8
+    assert sum(n.startswith('configs/coco/') for n in names) == 9
+    assert [n for n in names if 'swin-moe-small-' in n] == [
+        'configs/ade20k/ablations/'
+        'swin-moe-small-patch4-window12-e32-frozencore_upernet_8xb2-160k_ade20k-512x512.py',
+        'configs/ade20k/swin-moe-small-cosine-patch4-window12-e32-in22k-192x192-pre_upernet_'
+        '8xb2-160k_ade20k-512x512.py',
+        'configs/ade20k/swin-moe-small-patch4-window12-e32-in22k-192x192-pre_upernet_'
+        '8xb2-160k_ade20k-512x512.py',
+        'configs/coco/swin-moe-small-p4-w12-e32-in22k-192-pre_mask-rcnn_fpn_1x_coco.py']
     assert sum('ablations' in n for n in names) >= 10
     assert sum(n.startswith('configs/pipeline/') for n in names) == 4
 
@@ -86,3 +94,36 @@ def test_rmoe_cvt_configs_are_their_dense_recipe_plus_the_rmoe_lines(rmoe, dense
     shipped['moe_cfg'].pop('num_experts')
     assert tested == shipped
 
+
+
+SWIN_MOE = {  # shipped config: the tiny test config with its backbone at other sizes
+    'configs/ade20k/swin-moe-small-patch4-window12-e32-in22k-192x192-pre_upernet_8xb2-160k_'
+    'ade20k-512x512.py': 'tests/configs/tiny_swin_moe_upernet_ade20k.py',
+    'configs/coco/swin-moe-small-p4-w12-e32-in22k-192-pre_mask-rcnn_fpn_1x_coco.py':
+        'tests/configs/tiny_swin_moe_mask-rcnn_coco.py'}
+SIZES = ('pretrain_img_size', 'embed_dims', 'depths', 'num_heads', 'window_size')
+
+
+def swin_moe_part(path):
+    """What makes a backbone Swin-MoE: everything of it but its sizes and checkpoint."""
+    backbone = Config.fromfile(os.path.join(ROOT, path)).model.backbone
+    part = {k: backbone[k] for k in ('type', 'moe_blocks', 'moe_cfg')}
+    part['moe_cfg'] = {k: v for k, v in part['moe_cfg'].items() if k != 'num_experts'}
+    part['init_cfg'] = backbone.init_cfg.type
+    return part, {k: backbone[k] for k in SIZES}, backbone.moe_cfg.num_experts
+
+
+def test_the_swin_moe_configs_share_one_backbone_and_the_tests_use_it():
+    parts = {}
+    for shipped, tiny in SWIN_MOE.items():
+        (part, sizes, experts), (tiny_part, tiny_sizes, tiny_experts) = map(
+            swin_moe_part, (shipped, tiny))
+        assert part == tiny_part and experts == 32 and tiny_experts == 4
+        assert sizes == dict(pretrain_img_size=192, embed_dims=96, depths=[2, 2, 18, 2],
+                             num_heads=[3, 6, 12, 24], window_size=12)
+        parts[shipped] = part
+    assert len({repr(p) for p in parts.values()}) == 1  # ADE20K's and COCO's are one
+    cosine, _, _ = swin_moe_part('configs/ade20k/swin-moe-small-cosine-patch4-window12-e32-'
+                                 'in22k-192x192-pre_upernet_8xb2-160k_ade20k-512x512.py')
+    assert cosine['moe_cfg'] == dict(part['moe_cfg'], router_type='cosine', cosine_router_dims=256,
+                                     cosine_router_init_temperature=0.5)

@@ -81,7 +81,11 @@ def test_output_and_gradients_match_per_token_reference(top_k, capacity_factor,
     layer = make_layer(top_k=top_k, capacity_factor=capacity_factor,
                        straight_through=straight_through, batch_prioritized=batch_prioritized,
                        num_fcs=3 if top_k == 3 else 2, expert_backend=backend)
-    x = torch.randn(2, 7, 8, requires_grad=True)
+    assert_matches_reference(layer, torch.randn(2, 7, 8, requires_grad=True))
+
+
+def assert_matches_reference(layer, x):
+    """The layer's output and gradients are the per-token reference's."""
     out = layer(x)
     expected = reference_forward(layer, x)
     torch.testing.assert_close(out, expected)

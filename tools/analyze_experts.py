@@ -1,6 +1,7 @@
 """How the experts of each RMoE layer sit around their core, from a checkpoint alone.
 
-Per RMoE layer (found by its *.moe.experts.core_weights.0 key): the residual norm of each
+Per RMoE layer (found by its *.moe.experts.core_weights.0 key, or the stacked experts of a
+converted Swin-MoE, factored as RMoEFFN loads them): the residual norm of each
 expert relative to the core, ||R_e|| / ||C||; the distances ||W_e - W_f|| between experts;
 and a 2-D PCA of the core and the experts (every projection's weights and biases, flattened).
 Writes, in --out: expert_weights.json, residual_norms.png, expert_distances.png and

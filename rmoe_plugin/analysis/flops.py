@@ -40,6 +40,9 @@ class MoELayerCost:
         eval_capacity_factor (float | None): evaluation capacity factor (None: dropless).
         params (int): stored parameters (router, core, residuals).
         calls (list[int]): tokens of each forward (each is one routing group).
+        router_flops_per_token (int, optional): multiply-adds of the router per token;
+            None: a linear router's ``D * E``.
+        router_params (int, optional): the router's parameters; None: ``D * E``.
     """
     name: str
     widths: List[int]
@@ -49,13 +52,17 @@ class MoELayerCost:
     eval_capacity_factor: Optional[float]
     params: int
     calls: List[int] = field(default_factory=list)
+    router_flops_per_token: Optional[int] = None
+    router_params: Optional[int] = None
 
     @classmethod
     def from_layer(cls, name: str, layer: MoEFeedForward) -> 'MoELayerCost':
         weights = layer.experts.core_weights
         widths = [w.shape[1] for w in weights] + [weights[-1].shape[0]]
         return cls(name, widths, layer.num_experts, layer.top_k, layer.capacity_factor,
-                   layer.eval_capacity_factor, sum(p.numel() for p in layer.parameters()))
+                   layer.eval_capacity_factor, sum(p.numel() for p in layer.parameters()),
+                   router_flops_per_token=layer.router.flops_per_token(),
+                   router_params=sum(p.numel() for p in layer.router.parameters()))
 
     @property
     def tokens(self) -> int:
@@ -72,7 +79,8 @@ class MoELayerCost:
 
     @property
     def router_flops(self) -> int:
-        return self.tokens * self.widths[0] * self.num_experts
+        per_token = self.router_flops_per_token or self.widths[0] * self.num_experts
+        return self.tokens * per_token
 
     @property
     def dense_flops(self) -> int:
@@ -93,7 +101,8 @@ class MoELayerCost:
     @property
     def activated_params(self) -> int:
         """Router + the k experts one token uses (an expert is a full FFN: core + residual)."""
-        return self.widths[0] * self.num_experts + self.top_k * self.expert_params
+        router = self.router_params or self.widths[0] * self.num_experts
+        return router + self.top_k * self.expert_params
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..engine.convert import factor_moe_experts
 from ..fileio import atomic_write
 
 StateDict = Dict[str, torch.Tensor]
@@ -120,14 +121,17 @@ def layer_geometry(tensors: Dict[str, List[torch.Tensor]]) -> Dict[str, object]:
 
 
 def analyze_state_dict(state_dict: StateDict) -> Dict[str, Dict[str, object]]:
-    """:func:`layer_geometry` of every RMoE layer of ``state_dict``, by layer name.
+    """:func:`layer_geometry` of every RMoE layer of ``state_dict``, by layer name. Stacked
+    MoE experts (a converted Swin-MoE's) are first factored as ``RMoEFFN`` loads them: core =
+    their mean, residual = each expert minus it.
 
     Raises:
         ValueError: the state dict holds no RMoE layer.
     """
-    layers = find_rmoe_layers(state_dict)
+    layers = find_rmoe_layers(factor_moe_experts(state_dict))
     if not layers:
-        raise ValueError('no RMoE layer (no *.moe.experts.core_weights.0 key) in the state dict')
+        raise ValueError('no RMoE layer (no *.moe.experts.core_weights.0 or '
+                         '*.moe.experts.weights.0 key) in the state dict')
     return OrderedDict((name, layer_geometry(t)) for name, t in layers.items())
 
 

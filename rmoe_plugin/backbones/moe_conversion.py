@@ -289,6 +289,9 @@ def log_rmoe_init(backbone: nn.Module, layers: Dict[str, RMoEFFN]) -> None:
     if by_source.get('dense'):
         parts.append(f'{len(by_source["dense"])} took the checkpoint\'s dense FFNs as their '
                      'cores (routers and residuals start fresh)')
+    if by_source.get('moe'):
+        parts.append(f'{len(by_source["moe"])} loaded MoE experts (core: their mean, residuals: '
+                     'each expert minus it) and their routers')
     if by_source.get('rmoe'):
         parts.append(f'{len(by_source["rmoe"])} loaded RMoE weights')
     if by_source.get(None):

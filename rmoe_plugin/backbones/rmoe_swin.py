@@ -4,7 +4,8 @@ Two registered classes share one name: in the mmseg registry it extends mmseg's 
 mmdet registry mmdet's, so a config built in either scope gets its framework's own Swin with
 every argument it takes, plus ``moe_cfg`` and ``moe_blocks``. The conversion (checkpointing
 MoE blocks without re-entry included) is the shared one of :mod:`.moe_conversion`; what is
-Swin's own here is loading dense Swin checkpoints in the official and timm layouts.
+Swin's own here is loading dense Swin checkpoints in the official and timm layouts and
+Swin-MoE's (released or converted by ``tools/convert_swin_moe.py``).
 """
 import uuid
 from contextlib import contextmanager
@@ -18,8 +19,8 @@ from mmengine.runner import CheckpointLoader
 from mmseg.models.backbones.swin import SwinTransformer as MMSegSwin
 from mmseg.registry import MODELS as MMSEG_MODELS
 
-from ..engine.checkpoint import extract_state_dict, load_checkpoint_file
 from ..engine.convert import dense_ffn_to_core, is_swin_derived_buffer, to_openmmlab_swin
+from ..engine.swin_moe import check_fits, describe, load_swin_checkpoint
 from .moe_conversion import RMoEBackboneMixin
 
 _IN_MEMORY: Dict[str, dict] = {}
@@ -55,7 +56,13 @@ class RMoESwinMixin(RMoEBackboneMixin):
             super().init_weights()
             return
         path = self.init_cfg['checkpoint']
-        state_dict, layout = to_openmmlab_swin(extract_state_dict(load_checkpoint_file(path)))
+        window = self.stages[0].blocks[0].attn.w_msa.window_size[0]
+        state_dict, swin_moe = load_swin_checkpoint(path, window)
+        if swin_moe is None:
+            state_dict, layout = to_openmmlab_swin(state_dict)
+        else:
+            self._check_swin_moe(path, state_dict, swin_moe)
+            layout = 'Swin-MoE'
         given = set(state_dict)
         # What timm never stores, the upstream Swin derives: hand it its own values, so that
         # neither loader reports them missing.
@@ -75,7 +82,22 @@ class RMoESwinMixin(RMoEBackboneMixin):
                 self.init_cfg = original_cfg
                 if convert is not None:
                     self.convert_weights = convert
-        self._report_keys(path, layout, {k: state_dict[k] for k in given})
+        if swin_moe is None:
+            self._report_keys(path, layout, {k: state_dict[k] for k in given})
+        else:
+            MMLogger.get_current_instance().info(
+                f'{type(self).__name__}: loaded a Swin-MoE checkpoint from {path}: '
+                + '; '.join(describe(swin_moe)))
+
+    def _check_swin_moe(self, path: str, state_dict: dict, swin_moe: dict) -> None:
+        """Refuse a Swin-MoE checkpoint that does not fit this backbone exactly: all of it
+        is the model (the out norms aside, which Swin-MoE lacks)."""
+        own = {k: v.shape for k, v in self.state_dict().items()}
+        problems = check_fits(state_dict, swin_moe, own)
+        if problems:
+            more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
+            raise ValueError(f'Swin-MoE checkpoint {path} does not fit {type(self).__name__}: '
+                             + '; '.join(problems[:3]) + more)
 
     def _report_keys(self, path: str, layout: str, state_dict: dict) -> None:
         own = set(self.state_dict())

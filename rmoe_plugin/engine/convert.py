@@ -14,6 +14,7 @@ import torch
 StateDict = Dict[str, torch.Tensor]
 
 _CORE = re.compile(r'^(?P<ffn>.*)\.moe\.experts\.core_(?P<kind>weights|biases)\.(?P<i>\d+)$')
+_EXPERTS = re.compile(r'^(?P<ffn>.*)\.moe\.experts\.weights\.(?P<i>\d+)$')
 
 # Swin buffers computed from the window size, never learnt: timm leaves them out of its
 # checkpoints (non-persistent) and the upstream Swin rebuilds them, so their absence is no loss.
@@ -77,15 +78,85 @@ def dense_ffn_to_core(state_dict: StateDict, ffn_prefix: str,
     return renamed
 
 
-def rmoe_layer_prefixes(state_dict: StateDict) -> Dict[str, int]:
-    """Every RMoE layer of a state dict (prefix with a trailing dot) and its projections."""
+# ------------------------------------------------------------------------ stacked MoE experts
+
+def expert_keys(ffn_prefix: str, num_projections: int) -> List[Tuple[str, str]]:
+    """(weight key, bias key) of each projection of an MoE layer's stacked experts, as an
+    MoE checkpoint (a converted Swin-MoE, say) gives them to an ``RMoEFFN`` at ``ffn_prefix``:
+    ``moe.experts.weights.{i}`` (E, out, in) and ``moe.experts.biases.{i}`` (E, out)."""
+    return [(f'{ffn_prefix}moe.experts.weights.{i}', f'{ffn_prefix}moe.experts.biases.{i}')
+            for i in range(num_projections)]
+
+
+def moe_experts_to_core(state_dict: StateDict, ffn_prefix: str, num_projections: int) -> bool:
+    """Factor the stacked experts at ``ffn_prefix`` into RMoE's core, their mean, and
+    residuals, each expert minus that mean; in place.
+
+    ``core + residual`` equals each expert up to one fp32 rounding of the subtraction.
+
+    Returns whether there were experts to factor.
+
+    Raises:
+        ValueError: a weight or bias is missing, or their expert counts disagree.
+    """
+    pairs = list(zip(expert_keys(ffn_prefix, num_projections),
+                     core_keys(ffn_prefix, num_projections)))
+    present = [k for (w, b), _ in pairs for k in (w, b) if k in state_dict]
+    if not present:
+        return False
+    counts = {k: state_dict[k].shape[0] for k in present}
+    for (w, b), _ in pairs:
+        for key in (w, b):
+            if key not in state_dict:
+                raise ValueError(f'MoE experts at {ffn_prefix!r}: {present[0]!r} is given but '
+                                 f'not {key!r}')
+    if len(set(counts.values())) > 1:
+        raise ValueError(f'MoE experts at {ffn_prefix!r} disagree on the number of experts: '
+                         f'{counts}')
+    for experts, core in pairs:
+        for expert_key, core_key in zip(experts, core):
+            experts_tensor = state_dict.pop(expert_key)
+            mean = experts_tensor.double().mean(0).to(experts_tensor.dtype)
+            state_dict[core_key] = mean
+            state_dict[core_key.replace('.core_', '.residual_')] = experts_tensor - mean
+    return True
+
+
+def factor_moe_experts(state_dict: StateDict) -> StateDict:
+    """A copy of ``state_dict`` whose stacked MoE experts (see :func:`expert_keys`) are
+    factored into core and residuals, every layer of them."""
+    out = OrderedDict(state_dict)
+    for ffn, count in _layer_projections(state_dict, _EXPERTS).items():
+        moe_experts_to_core(out, ffn, count)
+    return out
+
+
+def rmoe_experts(state_dict: StateDict, ffn_prefix: str,
+                 num_projections: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(weights (E, out, in), biases (E, out)) of each projection of the RMoE layer at
+    ``ffn_prefix``: ``core + residual``, as the layer computes them."""
+    out = []
+    for cw, cb in core_keys(ffn_prefix, num_projections):
+        out.append(tuple(state_dict[c] + state_dict[c.replace('.core_', '.residual_')]
+                         for c in (cw, cb)))
+    return out
+
+
+def _layer_projections(state_dict: StateDict, pattern: 're.Pattern') -> Dict[str, int]:
+    """The layers whose projection keys ``pattern`` matches (its groups ``ffn`` and ``i``):
+    prefix with a trailing dot, and how many projections."""
     projections: Dict[str, int] = {}
     for key in state_dict:
-        m = _CORE.match(key)
+        m = pattern.match(key)
         if m:
             ffn = m.group('ffn') + '.'
             projections[ffn] = max(projections.get(ffn, 0), int(m.group('i')) + 1)
     return projections
+
+
+def rmoe_layer_prefixes(state_dict: StateDict) -> Dict[str, int]:
+    """Every RMoE layer of a state dict (prefix with a trailing dot) and its projections."""
+    return _layer_projections(state_dict, _CORE)
 
 
 def neighbour_linear_names(state_dict: StateDict, layer: str) -> Optional[List[str]]:
@@ -191,6 +262,46 @@ def to_openmmlab_swin(state_dict: StateDict) -> Tuple[StateDict, str]:
     if layout in ('official', 'timm'):
         state_dict = _strip(swin_converter(state_dict), 'backbone.')
     return state_dict, layout
+
+
+# PatchMerging concatenates its 2x2 neighbours in the order (0,0), (1,0), (0,1), (1,1) in the
+# official Swin and (0,0), (0,1), (1,0), (1,1) in the OpenMMLab one (an unfold): swapping the
+# middle two is its own inverse.
+_MERGE_ORDER = [0, 2, 1, 3]
+
+
+def _official_reduction(weight: torch.Tensor) -> torch.Tensor:
+    out_channels, in_channels = weight.shape
+    weight = weight.reshape(out_channels, in_channels // 4, 4).transpose(1, 2)
+    return weight[:, _MERGE_ORDER].reshape(out_channels, in_channels)
+
+
+def _official_merge_norm(vector: torch.Tensor) -> torch.Tensor:
+    channels = vector.shape[0]
+    return vector.reshape(channels // 4, 4).transpose(0, 1)[_MERGE_ORDER].reshape(channels)
+
+
+def openmmlab_to_official_swin(state_dict: StateDict) -> StateDict:
+    """An OpenMMLab Swin backbone's keys (no ``backbone.`` prefix) in microsoft/Swin-
+    Transformer's layout: the inverse of the upstream ``swin_converter``, PatchMerging's
+    channel order included. Keys it does not know keep their names."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        if key.startswith('stages.'):
+            key = 'layers.' + key[len('stages.'):]
+            if '.downsample.reduction.' in key:
+                value = _official_reduction(value)
+            elif '.downsample.norm.' in key:
+                value = _official_merge_norm(value)
+            for mmlab, official in (('.attn.w_msa.', '.attn.'), ('.ffn.layers.0.0.', '.mlp.fc1.'),
+                                    ('.ffn.layers.1.', '.mlp.fc2.'), ('.ffn.', '.mlp.')):
+                if mmlab in key:
+                    key = key.replace(mmlab, official, 1)
+                    break
+        elif key.startswith('patch_embed.projection.'):
+            key = key.replace('patch_embed.projection.', 'patch_embed.proj.', 1)
+        out[key] = value
+    return out
 
 
 def is_swin_derived_buffer(key: str) -> bool:

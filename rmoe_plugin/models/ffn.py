@@ -11,7 +11,8 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
-from ..engine.convert import core_keys, dense_ffn_to_core, mmcv_ffn_linear_names
+from ..engine.convert import (core_keys, dense_ffn_to_core, mmcv_ffn_linear_names,
+                              moe_experts_to_core)
 from ..moe import MoEFeedForward
 from .dense_ffn import DenseFFN, describe_dense_ffn
 
@@ -29,8 +30,10 @@ class RMoEFFN(BaseModule):
     nine arguments are mmcv ``FFN``'s and mean the same; the rest configure the experts, the
     router and the balance losses (see :class:`rmoe_plugin.moe.MoEFeedForward`). The weights
     of a dense mmcv ``FFN`` (or, after :meth:`from_dense`, of the FFN it replaced) load into
-    the core. Registered in mmengine's root ``MODELS``, so configs built in the mmseg and mmdet
-    scopes find it.
+    the core; the stacked experts of an MoE checkpoint (``moe.experts.weights.{i}`` (E, out,
+    in) and ``moe.experts.biases.{i}``, as a converted Swin-MoE holds them) load as the core,
+    their mean, and the residuals, each expert minus it. Registered in mmengine's root
+    ``MODELS``, so configs built in the mmseg and mmdet scopes find it.
 
     Args:
         embed_dims (int): token width. Default: 256.
@@ -57,6 +60,12 @@ class RMoEFFN(BaseModule):
         importance_loss_weight (float): importance CV^2 weight. Default: 0.01.
         balance_loss_weight (float): Switch load-balancing loss weight. Default: 0.
         z_loss_weight (float): router z-loss weight. Default: 0.
+        router_type (str): ``'linear'`` or ``'cosine'`` (Swin-MoE's cosine router).
+            Default: 'linear'.
+        cosine_router_dims (int): projection width of the cosine router. Default: 256.
+        cosine_router_init_temperature (float): its initial temperature. Default: 0.5.
+        gate_noise (float): Tutel's training noise on the router logits, std
+            ``gate_noise / num_experts``. Default: 0.
     """
 
     def __init__(self,
@@ -84,7 +93,7 @@ class RMoEFFN(BaseModule):
         # The names of the dense projections this layer takes the place of: dense checkpoints
         # load into the core through them, and convert_rmoe_to_dense writes them back.
         self.dense_linear_names = mmcv_ffn_linear_names(num_fcs)
-        self.loaded_from: Optional[str] = None  # 'dense' or 'rmoe' weights, by the last load
+        self.loaded_from: Optional[str] = None  # 'dense', 'moe' or 'rmoe', by the last load
         # A weightless copy of a non-mmcv dense FFN, for to_dense(); outside _modules, so it
         # is in no state dict and never moves.
         object.__setattr__(self, 'dense_template', None)
@@ -99,9 +108,12 @@ class RMoEFFN(BaseModule):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A dense FFN's weights, wherever they come from (a dense checkpoint through
-        # ``init_cfg``, ``load_from``, ``load_state_dict``), become the experts' core.
+        # ``init_cfg``, ``load_from``, ``load_state_dict``), become the experts' core; an MoE
+        # checkpoint's experts become the core (their mean) and the residuals.
         if dense_ffn_to_core(state_dict, prefix, self.dense_linear_names):
             self.loaded_from = 'dense'
+        elif moe_experts_to_core(state_dict, prefix, self.num_fcs):
+            self.loaded_from = 'moe'
         elif core_keys(prefix, self.num_fcs)[0][0] in state_dict:
             self.loaded_from = 'rmoe'
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,9 +1,11 @@
 """Experts as stacked parameters: ``W_e = W_core + R_e`` for every projection."""
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .expert_exchange import (DataParallelExpertGrad, ExpertParallelGroups, gather_expert_rows,
+                              rank0_copy)
 from .grouped_linear import residual_grouped_linear
 
 
@@ -15,6 +17,10 @@ class ResidualExperts(nn.Module):
     takes part in the graph and DDP never sees an unused parameter. Nothing derived from the
     parameters is kept between forwards, so every forward sees the weights as they are now,
     however they were changed.
+
+    Under expert parallelism (:meth:`shard_`) the residuals hold this rank's E/P experts only;
+    the core stays whole. The state dict still holds all E experts (gathered from the group,
+    collectively), and loading one takes this rank's share, so checkpoints do not depend on P.
 
     Args:
         widths (Sequence[int]): widths through the FFN, e.g. ``(D, H, D)`` for two projections.
@@ -43,12 +49,43 @@ class ResidualExperts(nn.Module):
             [nn.Parameter(torch.empty(num_experts, o)) for o, _ in shapes])
         self.activations = nn.ModuleList([activation() for _ in shapes[:-1]])
         self.dropout = nn.Dropout(dropout)
+        self.parallel: Optional[ExpertParallelGroups] = None
+        # Set on the saving rank by gathered_experts(): the full residuals its state dict holds.
+        self.full_residuals: Optional[Dict[str, Tensor]] = None
+        self._register_state_dict_hook(_state_dict_with_every_expert)
         self.reset_parameters()
         self.freeze_core(freeze_core)
 
     @property
     def num_projections(self) -> int:
         return len(self.core_weights)
+
+    @property
+    def num_local_experts(self) -> int:
+        """The experts whose residuals this module holds: E, or E/P under expert parallelism."""
+        return self.residual_weights[0].shape[0]
+
+    def named_residuals(self) -> List[Tuple[str, nn.Parameter]]:
+        """The per-expert parameters, named as in the state dict (``residual_weights.0``...)."""
+        return [(f'{kind}.{i}', p) for kind in ('residual_weights', 'residual_biases')
+                for i, p in enumerate(getattr(self, kind))]
+
+    @torch.no_grad()
+    def shard_(self, groups: ExpertParallelGroups) -> None:
+        """Keep only this rank's experts' residuals (every rank holds the same E before).
+
+        Raises:
+            ValueError: the group's size does not divide the number of experts.
+        """
+        if self.num_experts % groups.size:
+            raise ValueError(f'expert_parallel_size={groups.size} must divide num_experts='
+                             f'{self.num_experts}')
+        local = groups.local_experts(self.num_experts)
+        for kind in (self.residual_weights, self.residual_biases):
+            for i, p in enumerate(kind):
+                kind[i] = nn.Parameter(p[local.start:local.stop].clone(),
+                                       requires_grad=p.requires_grad)
+        self.parallel = groups
 
     def reset_parameters(self) -> None:
         """Core like a freshly initialised ViT linear layer; residuals from zero plus noise."""
@@ -57,12 +94,20 @@ class ResidualExperts(nn.Module):
             nn.init.zeros_(b)
         self.reset_residuals()
 
+    @torch.no_grad()
     def reset_residuals(self) -> None:
-        for p in [*self.residual_weights, *self.residual_biases]:
-            if self.residual_init_std > 0:
+        """Zero, or zero-mean noise; an expert-parallel rank takes its share of rank 0's draw
+        of all E (what data parallelism's broadcast from rank 0 would give it)."""
+        for _, p in self.named_residuals():
+            if self.residual_init_std <= 0:
+                nn.init.zeros_(p)
+            elif self.parallel is None:
                 nn.init.normal_(p, std=self.residual_init_std)
             else:
-                nn.init.zeros_(p)
+                full = p.new_empty(self.num_experts, *p.shape[1:])
+                nn.init.normal_(full, std=self.residual_init_std)
+                local = self.parallel.local_experts(self.num_experts)
+                p.copy_(rank0_copy(full)[local.start:local.stop])
 
     def freeze_core(self, frozen: bool = True) -> None:
         for p in [*self.core_weights, *self.core_biases]:
@@ -85,8 +130,27 @@ class ResidualExperts(nn.Module):
     @torch.no_grad()
     def mean_expert(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Weights and biases of the average expert, ``core + mean_e R_e``, per projection."""
+        if self.parallel is not None:
+            raise RuntimeError('the mean expert of an expert-parallel layer needs every '
+                               'expert; compute it from its state dict')
         pairs = [self.expert_weights(i) for i in range(self.num_projections)]
         return [w.mean(0) for w, _ in pairs], [b.mean(0) for _, b in pairs]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, _ in self.named_residuals():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if value.dim() == 0 or value.shape[0] != self.num_experts:
+                raise ValueError(
+                    f'{key}: the checkpoint holds {value.shape[0] if value.dim() else 0} '
+                    f'experts, this layer {self.num_experts} (num_experts); load a checkpoint '
+                    'made with the same number of experts')
+            if self.parallel is not None:
+                local = self.parallel.local_experts(self.num_experts)
+                state_dict[key] = value[local.start:local.stop]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, group_end: torch.Tensor, row_expert: torch.Tensor,
                 sizes: Optional[torch.Tensor] = None, backend: str = 'grouped_mm') -> torch.Tensor:
@@ -104,10 +168,25 @@ class ResidualExperts(nn.Module):
             Tensor: shape (N, D); rows past ``group_end[-1]`` are undefined.
         """
         for i in range(self.num_projections):
-            x = residual_grouped_linear(
-                x, self.core_weights[i], self.residual_weights[i], self.core_biases[i],
-                self.residual_biases[i], group_end, row_expert, sizes, backend)
+            residual_weight, residual_bias = self.residual_weights[i], self.residual_biases[i]
+            if self.parallel is not None:
+                residual_weight = DataParallelExpertGrad.apply(residual_weight, self.parallel)
+                residual_bias = DataParallelExpertGrad.apply(residual_bias, self.parallel)
+            x = residual_grouped_linear(x, self.core_weights[i], residual_weight,
+                                        self.core_biases[i], residual_bias, group_end,
+                                        row_expert, sizes, backend)
             if i < self.num_projections - 1:
                 x = self.activations[i](x)
             x = self.dropout(x)
         return x
+
+
+def _state_dict_with_every_expert(module: ResidualExperts, state_dict, prefix, local_metadata):
+    """State-dict hook: all E experts' residuals, whatever share of them this rank holds."""
+    if module.parallel is None:
+        return
+    for name, p in module.named_residuals():
+        if module.full_residuals is not None:
+            state_dict[prefix + name] = module.full_residuals[name]
+        else:
+            state_dict[prefix + name] = gather_expert_rows(p.detach(), module.parallel)

@@ -1,14 +1,16 @@
 """The residual-MoE feed-forward layer, in plain PyTorch."""
+from functools import partial
 from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from .dispatch import combine, expert_capacity, plan_dispatch
+from .expert_exchange import run_experts_parallel
 from .experts import ResidualExperts
 from .grouped_linear import BACKENDS, choose_backend, grouped_mm_available
 from .losses import importance_loss, router_z_loss, switch_balance_loss
-from .router import Routing, TopKRouter
+from .router import ROUTER_TYPES, Routing, build_router
 
 
 def check_moe_args(num_experts: int, top_k: int, capacity_factor: Optional[float],
@@ -31,6 +33,18 @@ def check_moe_args(num_experts: int, top_k: int, capacity_factor: Optional[float
     for name, value in loss_weights.items():
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')
+
+
+def check_router_args(router_type: str, router_noise_std: float, gate_noise: float) -> None:
+    """Raise ``ValueError`` naming a router argument that cannot make a working router."""
+    if router_type not in ROUTER_TYPES:
+        raise ValueError(f'router_type must be one of {ROUTER_TYPES}, got {router_type!r}')
+    for name, value in (('router_noise_std', router_noise_std), ('gate_noise', gate_noise)):
+        if value < 0:
+            raise ValueError(f'{name} must be >= 0, got {value!r}')
+    if router_noise_std > 0 and gate_noise > 0:
+        raise ValueError(f'give router_noise_std ({router_noise_std}) or gate_noise '
+                         f'({gate_noise}, std gate_noise / num_experts), not both')
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -92,6 +106,14 @@ class MoEFeedForward(nn.Module):
             no host synchronisation), ``'loop'`` (a matmul per expert, one synchronisation
             per forward) or ``'auto'``: ``'grouped_mm'`` where torch has its fast kernel
             (bf16 on sm90/sm100 GPUs), ``'loop'`` elsewhere. Default: 'auto'.
+        router_type (str): ``'linear'`` (no bias) or ``'cosine'`` (Swin-MoE's cosine router,
+            see :class:`~.router.CosineTopKRouter`). Default: 'linear'.
+        cosine_router_dims (int): projection width of the cosine router. Default: 256.
+        cosine_router_init_temperature (float): initial temperature of the cosine router.
+            Default: 0.5.
+        gate_noise (float): Tutel's router noise: in training the logits get
+            ``gate_noise * N(0, 1) / num_experts`` (Swin-MoE: 1.0). Give it or
+            ``router_noise_std``, not both. Default: 0.
     """
 
     def __init__(self, embed_dims: int, feedforward_channels: int, num_experts: int = 8,
@@ -103,7 +125,9 @@ class MoEFeedForward(nn.Module):
                  straight_through: bool = True, normalize_gates: bool = True,
                  residual_init_std: float = 0.0, freeze_core: bool = False,
                  importance_loss_weight: float = 0.01, balance_loss_weight: float = 0.0,
-                 z_loss_weight: float = 0.0, expert_backend: str = 'auto'):
+                 z_loss_weight: float = 0.0, expert_backend: str = 'auto',
+                 router_type: str = 'linear', cosine_router_dims: int = 256,
+                 cosine_router_init_temperature: float = 0.5, gate_noise: float = 0.0):
         super().__init__()
         self.loss_weights = dict(importance=importance_loss_weight,
                                  balance=balance_loss_weight, zloss=z_loss_weight)
@@ -112,6 +136,7 @@ class MoEFeedForward(nn.Module):
                        balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
         if num_fcs < 2:
             raise ValueError(f'num_fcs must be >= 2, got {num_fcs!r}')
+        check_router_args(router_type, router_noise_std, gate_noise)
         self.embed_dims = embed_dims
         self.feedforward_channels = feedforward_channels
         self.num_experts = num_experts
@@ -123,7 +148,10 @@ class MoEFeedForward(nn.Module):
         self.normalize_gates = normalize_gates
         self.expert_backend = expert_backend
         widths = [embed_dims] + [feedforward_channels] * (num_fcs - 1) + [embed_dims]
-        self.router = TopKRouter(embed_dims, num_experts, top_k, noise_std=router_noise_std)
+        self.router = build_router(
+            router_type, embed_dims, num_experts, top_k,
+            noise_std=router_noise_std or gate_noise / num_experts,
+            proj_dims=cosine_router_dims, init_temperature=cosine_router_init_temperature)
         self.experts = ResidualExperts(widths, num_experts, activation, dropout,
                                        residual_init_std, freeze_core)
         self.last_losses: Dict[str, torch.Tensor] = {}
@@ -150,11 +178,17 @@ class MoEFeedForward(nn.Module):
         backend = choose_backend(self.expert_backend, tokens.device, dtype)
         if torch.jit.is_tracing():  # tracers see the loop's matmuls (see grouped_linear)
             backend = 'loop'
-        sizes = plan.group_sizes() if backend == 'loop' else None  # the one copy to the host
+        parallel = self.experts.parallel
+        # The one copy to the host (the expert-parallel exchange makes its own).
+        sizes = plan.group_sizes() if backend == 'loop' and parallel is None else None
         expert_in = tokens.to(dtype).index_select(0, plan.token_index)
         with torch.autocast(tokens.device.type, enabled=False):
-            expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
-                                      backend)
+            if parallel is None:
+                expert_out = self.experts(expert_in, plan.group_end, plan.row_expert, sizes,
+                                          backend)
+            else:
+                expert_out = run_experts_parallel(expert_in, plan.tokens_per_expert, parallel,
+                                                  partial(self.experts, backend=backend))
         weight = combine_weight(routing.gates, self.straight_through, self.normalize_gates)
         out = combine(expert_out, weight, plan.row, plan.kept)
 

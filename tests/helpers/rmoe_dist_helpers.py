@@ -40,6 +40,16 @@ class ReplicaChecksumHook(Hook):
 
 
 @HOOKS.register_module()
+class SaveAtTrainStartHook(Hook):
+    """Saves ``work_dir/train_start.pth`` when training starts: after a resume, the state as
+    this run holds it (gathered from every rank as any checkpoint is)."""
+    priority = 'LOWEST'
+
+    def before_train(self, runner) -> None:
+        runner.save_checkpoint(runner.work_dir, 'train_start.pth')
+
+
+@HOOKS.register_module()
 class ExitAtIterHook(Hook):
     """Ends the process at once, as a kill would (no clean-up), after training iteration
     ``iteration`` (1-based); it runs after the checkpoint hook of that iteration."""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE, as the COMMAND of tools/gpu/device_setup.sh: issue 10's section-4 measurements,
-# each dense against RMoE in the same run. Steps (STEPS="tests layer model train fps tools",
+# each dense against RMoE in the same run, and issue 16's expert-parallel step on nccl. Steps
+# (STEPS="tests layer model train fps tools ep",
 # the default, in this order of priority; each bounded by its own timeout, a failed one does
 # not stop the others):
 #
@@ -14,6 +15,9 @@
 #          weights, tiny COCO resized by the shipped pipeline)
 #   tools  tools/train.py --launcher pytorch on one GPU (nccl) with MoEStatsHook and CostHook,
 #          then tools/visualize_experts.py on cuda
+#   ep     tools/benchmark_expert_parallel.py on nccl: RMoE UperNet Swin-T, plain DDP against
+#          RMoEDistributedDataParallel (P = the GPUs present; with one GPU, P = 1 runs the
+#          exchange's code path) with its per-rank memory
 #
 # Tables and logs go to stdout (device_setup.sh keeps it as command.log) and $OUT/measure.md.
 # DEVICE (default cuda) and QUICK=1 (tiny sizes) let it rehearse on a CPU machine.
@@ -21,7 +25,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
-STEPS=${STEPS:-tests layer model train fps tools}
+STEPS=${STEPS:-tests layer model train fps tools ep}
 OUT=${OUT:-/tmp/rmoe-measure-out}
 WORK=${MEASURE_DIR:-/tmp/rmoe-measure}
 mkdir -p "$OUT" "$WORK"
@@ -50,10 +54,13 @@ if (( QUICK )); then
   LAYER_ARGS=(--widths 64:256 --tokens 1024 --num-experts 8 --top-k 1 --repeats 2 --warmup 1)
   MODEL_ARGS=(--batch-size 2 --size 128 --repeats 1 --warmup 1)
   FPS_ITERS=3
+  EP_ARGS=(--size 64 --repeats 2 --warmup 1)
 else
   LAYER_ARGS=(--grid gpu --repeats 20 --warmup 3)
   MODEL_ARGS=(--batch-size 8 --size 512 --repeats 5 --warmup 2)
   FPS_ITERS=60
+  EP_ARGS=("$ROOT"/configs/ade20k/rmoe-swin-tiny-*_ade20k-512x512.py
+           --size 512 --batch-size 2 --repeats 10 --warmup 2)
 fi
 DTYPE=bf16
 [[ $DEVICE == cpu ]] && DTYPE=fp32
@@ -113,6 +120,13 @@ CONFIG
     img=\$(ls data/ade/ADEChallengeData2016/images/validation/*.jpg | head -1) && \
     '$PYTHON' '$ROOT/tools/visualize_experts.py' '$ROOT/tests/configs/tiny_rmoe_upernet_ade20k.py' \
       \"\$ckpt\" \"\$img\" --out vis --device '$DEVICE' && ls vis && cat dist/cost.json"
+fi
+
+if wants ep; then
+  gpus=1
+  [[ $DEVICE == cuda ]] && gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  step ep 420 "$PYTHON" "$ROOT/tools/benchmark_expert_parallel.py" "${EP_ARGS[@]}" \
+    --device "$DEVICE" --world-sizes "$gpus"
 fi
 
 echo "measure.sh: failed steps: ${failed[*]:-none}" | tee -a "$REPORT"
