@@ -64,7 +64,8 @@ def memory(model, optimizer):
         return tuple(totals)
     state = [(p, t) for p in model.parameters() for t in optimizer.state.get(p, {}).values()
              if torch.is_tensor(t)]
-    return dict(parameters=split((p, p) for p in model.parameters()), optimizer=split(state))
+    return {'parameters': split((p, p) for p in model.parameters()),
+            'optimizer state': split(state)}
 
 
 def worker(rank, world_size, port, args, results):
@@ -83,7 +84,7 @@ def worker(rank, world_size, port, args, results):
         from mmengine.optim import build_optim_wrapper
         from rmoe_plugin.engine import RMoEDistributedDataParallel
         from rmoe_plugin.utils.backbone_benchmark import synthetic_batch
-        from rmoe_plugin.utils.known_warnings import ignore_known_warnings
+        from rmoe_plugin.utils.known_warnings import hide_known_prints, ignore_known_warnings
         from rmoe_plugin.utils import interleaved_times
         rmoe_plugin.register_all_modules()
         ignore_known_warnings()
@@ -92,7 +93,8 @@ def worker(rank, world_size, port, args, results):
         wrapped, optims = {}, {}
         for name, wrapper in (('ddp', MMDistributedDataParallel),
                               ('expert parallel', RMoEDistributedDataParallel)):
-            model, optim_cfg = build(args.config, args.size, device)
+            with hide_known_prints():
+                model, optim_cfg = build(args.config, args.size, device)
             extra = dict(expert_parallel_size=world_size) if name != 'ddp' else {}
             wrapped[name] = wrapper(module=model, device_ids=ids, **extra)
             optims[name] = build_optim_wrapper(wrapped[name], optim_cfg)
@@ -142,7 +144,7 @@ def main():
           'experts + rest |\n|---:|---|---:|---:|')
     for world_size in args.world_sizes:
         first = results[world_size][0]
-        for kind in ('parameters', 'optimizer'):
+        for kind in ('parameters', 'optimizer state'):
             d, e = first['ddp'][kind], first['expert parallel'][kind]
             print(f'| {world_size} | {kind} | {mib(d[0])} + {mib(d[1])} | '
                   f'{mib(e[0])} + {mib(e[1])} |')
