@@ -36,23 +36,6 @@ def parse_args():
     return p.parse_args()
 
 
-def build(config: str, size: int, device: torch.device):
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-    from rmoe_plugin.engine.launch import replace_cuda_sync_bn
-    cfg = Config.fromfile(config)
-    cfg.model.data_preprocessor.size = (size, size)
-    cfg.model.backbone.init_cfg = None
-    if device.type == 'cpu':
-        replace_cuda_sync_bn(cfg.model)
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model)
-    model.init_weights()
-    return model.to(device), cfg.optim_wrapper
-
-
 def memory(model, optimizer):
     """Bytes a rank holds, (expert residuals, everything else), of parameters and of state."""
     is_expert = {id(p): '.experts.residual_' in n for n, p in model.named_parameters()}
@@ -83,7 +66,7 @@ def worker(rank, world_size, port, args, results):
         from mmengine.model import MMDistributedDataParallel
         from mmengine.optim import build_optim_wrapper
         from rmoe_plugin.engine import RMoEDistributedDataParallel
-        from rmoe_plugin.utils.backbone_benchmark import synthetic_batch
+        from rmoe_plugin.utils.backbone_benchmark import build_segmentor, synthetic_batch
         from rmoe_plugin.utils.known_warnings import hide_known_prints, ignore_known_warnings
         from rmoe_plugin.utils import interleaved_times
         rmoe_plugin.register_all_modules()
@@ -93,11 +76,12 @@ def worker(rank, world_size, port, args, results):
         wrapped, optims = {}, {}
         for name, wrapper in (('ddp', MMDistributedDataParallel),
                               ('expert parallel', RMoEDistributedDataParallel)):
+            torch.manual_seed(0)  # the same weights in both wrappers and on every rank
             with hide_known_prints():
-                model, optim_cfg = build(args.config, args.size, device)
+                model = build_segmentor(args.config, args.size, device)
             extra = dict(expert_parallel_size=world_size) if name != 'ddp' else {}
             wrapped[name] = wrapper(module=model, device_ids=ids, **extra)
-            optims[name] = build_optim_wrapper(wrapped[name], optim_cfg)
+            optims[name] = build_optim_wrapper(wrapped[name], model.optim_cfg)
         batch = synthetic_batch(args.batch_size, args.size, seed=rank)
         steps = {name: (lambda m=m, o=optims[name]: m.train_step(batch, o))
                  for name, m in wrapped.items()}

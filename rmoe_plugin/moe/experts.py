@@ -60,11 +60,6 @@ class ResidualExperts(nn.Module):
     def num_projections(self) -> int:
         return len(self.core_weights)
 
-    @property
-    def num_local_experts(self) -> int:
-        """The experts whose residuals this module holds: E, or E/P under expert parallelism."""
-        return self.residual_weights[0].shape[0]
-
     def named_residuals(self) -> List[Tuple[str, nn.Parameter]]:
         """The per-expert parameters, named as in the state dict (``residual_weights.0``...)."""
         return [(f'{kind}.{i}', p) for kind in ('residual_weights', 'residual_biases')

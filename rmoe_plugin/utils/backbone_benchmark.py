@@ -18,17 +18,22 @@ from .memory import PeakMemory, optimizer_state_tensors, tensor_bytes
 
 def build_segmentor(config: str, crop_size: int = 512, device: str = 'cpu',
                     options: Optional[dict] = None) -> torch.nn.Module:
-    """The config's segmentor with random weights (nothing downloaded); SyncBN as BN on the
-    CPU, where there is no process group to synchronise over. ``options`` are merged into the
-    config first, as ``--cfg-options`` would be."""
+    """The config's segmentor with random weights (nothing downloaded). SyncBN stays SyncBN
+    on GPUs; on the CPU it is ``CPUSyncBN`` in a process group and BN outside one, where
+    there is nothing to synchronise over. ``options`` are merged into the config first, as
+    ``--cfg-options`` would be."""
+    from rmoe_plugin.engine.launch import replace_cuda_sync_bn
     cfg = Config.fromfile(config)
     cfg.merge_from_dict(options or {})
     cfg.model.data_preprocessor.size = (crop_size, crop_size)
+    distributed = torch.distributed.is_initialized()
+    if distributed and torch.device(device).type == 'cpu':
+        replace_cuda_sync_bn(cfg.model)
     init_default_scope(cfg.get('default_scope', 'mmseg'))
     from mmseg.registry import MODELS
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
-    if not torch.distributed.is_initialized():
+    if not distributed:
         model = revert_sync_batchnorm(model)
     model.init_weights()
     model.optim_cfg = cfg.optim_wrapper
